@@ -1,0 +1,1 @@
+"""Triton kernels of stfast, installed as ``stfast.kernels``; import them through that name."""

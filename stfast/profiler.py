@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from .metrics import get_loss
+from .models import count_parameters
 from .training.step import make_optimizer, train_step
 
 __all__ = ["ProfileReport", "profile"]
@@ -96,7 +97,7 @@ def _format_memory(memory: dict) -> str:
     return ", ".join(numbers) + (f" ({', '.join(sources)})" if sources else "")
 
 
-def profile(forecaster, batch, *, scaler, loss="masked_mae", training=None, warmup=3, repeats=10,
+def profile(forecaster, batch, *, scaler, loss=None, training=None, warmup=3, repeats=10,
             num_train_batches=None, device=None, seed=0) -> ProfileReport:
     """Time ``repeats`` training steps on ``batch`` after ``warmup`` untimed ones.
 
@@ -132,7 +133,7 @@ def profile(forecaster, batch, *, scaler, loss="masked_mae", training=None, warm
 
     median = statistics.median(times_ms)
     return ProfileReport(
-        params=sum(p.numel() for p in forecaster.parameters() if p.requires_grad),
+        params=count_parameters(forecaster),
         time_per_batch_ms={"median": median, "min": min(times_ms), "max": max(times_ms), "repeats": repeats},
         time_per_epoch_s=median * num_train_batches / 1000,
         peak_memory_mb=memory,

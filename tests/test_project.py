@@ -1,0 +1,37 @@
+"""What the README promises a newcomer is what CI runs."""
+
+import re
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def setup_commands():
+    section = REPO.joinpath("README.md").read_text().split("## Set-up commands for a fresh machine")[1].split("\n## ")[0]
+    return re.findall(r"```bash\n(.*?)\n```", section, flags=re.S)
+
+
+def test_readme_gives_exactly_two_setup_commands_main_job_then_tests():
+    main_job, tests = setup_commands()
+    assert "stfast profile --model himnet --dataset METR-LA --batch-size 16" in main_job
+    assert tests.endswith("python -m pytest -q")
+
+
+def test_ci_runs_the_readme_test_command():
+    test_command = setup_commands()[1].split("&&")[-1].strip()
+    ci_lines = [line.strip() for line in REPO.joinpath(".ci/run").read_text().splitlines()]
+    assert test_command in ci_lines
+
+
+def test_wheel_installs_the_kernels_as_stfast_kernels_only(tmp_path):
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                            "-w", str(tmp_path), str(REPO)], capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stderr
+    (wheel,) = tmp_path.glob("stfast-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    top_level = {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")}
+    assert top_level == {"stfast"}
+    assert "stfast/kernels/__init__.py" in names

@@ -12,7 +12,7 @@ import copy
 import math
 from dataclasses import dataclass
 
-__all__ = ["DatasetInfo", "DATASETS", "MODELS", "dataset_info", "canonical_dataset", "load"]
+__all__ = ["DatasetInfo", "DATASETS", "dataset_info", "canonical_dataset", "load", "himnet_config", "hi_config"]
 
 
 @dataclass(frozen=True)
@@ -94,7 +94,9 @@ _HIMNET_TABLE = {
 }
 
 
-def _himnet(dataset: str) -> dict:
+def himnet_config(dataset: str) -> dict:
+    """HimNet's published configuration on ``dataset`` (``model/HimNet.yaml``)."""
+    dataset = canonical_dataset(dataset)
     hidden, tod, dow, node, st, tf_decay, weight_decay, milestones = _HIMNET_TABLE[dataset]
     info = DATASETS[dataset]
     model = dict(
@@ -110,23 +112,23 @@ def _himnet(dataset: str) -> dict:
     return {"model": model, "training": training}
 
 
-def _hi(dataset: str) -> dict:
-    info = DATASETS[dataset]
+def hi_config(dataset: str) -> dict:
+    """Historical inertia: nothing to train."""
+    info = DATASETS[canonical_dataset(dataset)]
     model = dict(num_nodes=info.num_nodes, in_steps=12, out_steps=12)
     training = dict(batch_size=64, max_epochs=0, early_stop=0, lr=0.0, eps=1e-8, weight_decay=0.0,
                     milestones=[], lr_decay_rate=0.1, clip_grad=0.0, loss=info.loss, in_steps=12, out_steps=12)
     return {"model": model, "training": training}
 
 
-MODELS = {"himnet": _himnet, "hi": _hi}
-
-
 def load(model: str, dataset: str) -> dict:
-    """The published configuration of ``model`` on ``dataset`` (a fresh, mutable copy)."""
-    key = model.lower() if isinstance(model, str) else model
-    if key not in MODELS:
-        raise ValueError(f"model: expected one of {sorted(MODELS)}, got {model!r}")
+    """The published configuration of ``model`` on ``dataset`` (a fresh, mutable copy).
+
+    Each model's table lives beside its code (``stfast/models/<name>.py``, ``config()``).
+    """
+    from . import models  # the zoo imports this module, so look it up lazily
+
     name = canonical_dataset(dataset)
-    config = MODELS[key](name)
+    config = copy.deepcopy(models.model_module(model).config(name))
     config["dataset"] = DATASETS[name]
-    return copy.deepcopy(config)
+    return config

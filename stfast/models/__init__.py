@@ -1,29 +1,46 @@
 """Model zoo with one calling convention: ``Forecaster.forward(batch) -> (B, T_out, N, 1)``.
 
 ``create(name, dataset)`` builds a model with its published configuration and wraps it in a
-:class:`Forecaster` that knows which inputs the model takes. Predictions are in scaled units (the
-trainer inverse-transforms them); teacher-forcing labels are passed scaled.
+:class:`Forecaster` that feeds it the inputs its :class:`ModelSpec` declares. Predictions are in
+scaled units (the trainer inverse-transforms them); teacher-forcing labels are passed scaled.
+Each model's module (``stfast/models/<name>.py``) follows the contract in :mod:`.spec`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import importlib
 
 import torch
 from torch import nn
 
-from .. import configs
-from .hi import HistoricalInertia
+from .spec import BuildContext, ModelSpec
 
-__all__ = ["Forecaster", "ModelSpec", "available", "backends", "create", "count_parameters"]
+__all__ = ["Forecaster", "ModelSpec", "BuildContext", "available", "backends", "create", "count_parameters",
+           "model_module"]
+
+# name -> module under stfast.models
+_MODULES = {
+    "himnet": "himnet",
+    "hi": "hi",
+}
 
 
-@dataclass(frozen=True)
-class ModelSpec:
-    name: str
-    takes_y_cov: bool = False  # forward(x, y_cov, ...) with the targets' time features
-    teacher_forcing: bool = False  # forward(..., labels=, batches_seen=) while training
-    needs_graph: bool = False
+def available() -> list[str]:
+    """Names that :func:`create` accepts."""
+    return sorted(_MODULES)
+
+
+def model_module(name: str):
+    """The module that defines model ``name`` (``SPEC``, ``config``, ``build``)."""
+    key = name.lower() if isinstance(name, str) else name
+    if key not in _MODULES:
+        raise ValueError(f"model: expected one of {available()}, got {name!r}")
+    return importlib.import_module(f"{__name__}.{_MODULES[key]}")
+
+
+def backends(name: str) -> list[str]:
+    """Backends :func:`create` accepts for model ``name``."""
+    return list(getattr(model_module(name), "BACKENDS", ("reference",)))
 
 
 class Forecaster(nn.Module):
@@ -41,61 +58,39 @@ class Forecaster(nn.Module):
         self.backend = backend
 
     def forward(self, batch, labels: torch.Tensor | None = None, batches_seen: int | None = None):
-        args = [batch.x]
+        args = [_select_channels(batch.x, self.spec.x_channels)]
         if self.spec.takes_y_cov:
-            args.append(batch.y_cov)
+            args.append(_select_channels(batch.y_cov, self.spec.y_cov_channels))
         if self.spec.teacher_forcing and self.training:
             return self.model(*args, labels=labels, batches_seen=batches_seen)
         return self.model(*args)
 
-
-def _build_himnet(model_args: dict, backend: str) -> nn.Module:
-    if backend != "reference":
-        raise ValueError(f"backend: expected one of {backends('himnet')} for himnet, got {backend!r}")
-    from ..reference import HimNet
-
-    return HimNet(**model_args)
+    def auxiliary_loss(self):
+        """The model's training-only extra loss term for the last forward, or None."""
+        extra = getattr(self.model, "auxiliary_loss", None)
+        return extra() if callable(extra) else None
 
 
-def _build_hi(model_args: dict, backend: str) -> nn.Module:
-    if backend != "reference":
-        raise ValueError(f"backend: expected one of {backends('hi')} for hi, got {backend!r}")
-    return HistoricalInertia(**model_args)
+def _select_channels(t: torch.Tensor, channels: tuple[int, ...]) -> torch.Tensor:
+    if channels == tuple(range(t.shape[-1])):
+        return t
+    return t[..., list(channels)]
 
 
-_REGISTRY = {
-    "himnet": (ModelSpec("himnet", takes_y_cov=True, teacher_forcing=True), _build_himnet, ("reference",)),
-    "hi": (ModelSpec("hi"), _build_hi, ("reference",)),
-}
-
-
-def available() -> list[str]:
-    """Names that :func:`create` accepts."""
-    return sorted(_REGISTRY)
-
-
-def backends(name: str) -> list[str]:
-    """Backends :func:`create` accepts for model ``name``."""
-    return list(_REGISTRY[_check_name(name)][2])
-
-
-def _check_name(name: str) -> str:
-    key = name.lower() if isinstance(name, str) else name
-    if key not in _REGISTRY:
-        raise ValueError(f"model: expected one of {available()}, got {name!r}")
-    return key
-
-
-def create(name: str, dataset: str = "METR-LA", *, backend: str = "reference", **overrides) -> Forecaster:
+def create(name: str, dataset: str = "METR-LA", *, backend: str = "reference", context: BuildContext | None = None,
+           **overrides) -> Forecaster:
     """Build ``name`` with its published configuration on ``dataset``; ``overrides`` replace model args."""
-    key = _check_name(name)
-    spec, build, _ = _REGISTRY[key]
-    config = configs.load(key, dataset)
+    from .. import configs
+
+    module = model_module(name)
+    config = configs.load(name, dataset)
     unknown = sorted(set(overrides) - set(config["model"]))
     if unknown:
-        raise ValueError(f"overrides: unknown argument(s) {unknown} for {key}; expected some of {sorted(config['model'])}")
+        raise ValueError(f"overrides: unknown argument(s) {unknown} for {module.SPEC.name}; "
+                         f"expected some of {sorted(config['model'])}")
     config["model"].update(overrides)
-    return Forecaster(build(config["model"], backend), spec, config, backend)
+    model = module.build(config["model"], context or BuildContext(), backend=backend)
+    return Forecaster(model, module.SPEC, config, backend)
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:

@@ -8,7 +8,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .. import configs
 from .._checks import check_tensor
+from .spec import ModelSpec
+
+SPEC = ModelSpec("hi", x_channels=(0,))
+BACKENDS = ("reference",)
 
 
 class HistoricalInertia(nn.Module):
@@ -24,3 +29,13 @@ class HistoricalInertia(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_tensor("x", x, ("B", self.in_steps, self.num_nodes, "C"), floating=True)
         return x[:, -self.out_steps:, :, : self.output_dim]
+
+
+def config(dataset: str) -> dict:
+    return configs.hi_config(dataset)
+
+
+def build(model_args: dict, context=None, backend: str = "reference") -> HistoricalInertia:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {list(BACKENDS)} for hi, got {backend!r}")
+    return HistoricalInertia(**model_args)

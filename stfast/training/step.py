@@ -12,12 +12,16 @@ def predict(forecaster, batch, scaler, *, batches_seen=None):
 
 
 def train_step(forecaster, batch, optimizer, loss_fn, scaler, *, batches_seen=0, clip_grad=0.0) -> torch.Tensor:
-    """Forward, loss on unscaled values, backward, gradient clipping and optimiser step.
+    """Forward, loss on unscaled values (plus the model's auxiliary loss, if any), backward, gradient
+    clipping and optimiser step.
 
     Returns the loss, detached, without synchronising the device.
     """
     optimizer.zero_grad(set_to_none=True)
     loss = loss_fn(predict(forecaster, batch, scaler, batches_seen=batches_seen), batch.y)
+    auxiliary = forecaster.auxiliary_loss()
+    if auxiliary is not None:
+        loss = loss + auxiliary
     loss.backward()
     if clip_grad:
         torch.nn.utils.clip_grad_norm_(forecaster.parameters(), clip_grad)

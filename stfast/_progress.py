@@ -38,6 +38,11 @@ class ProgressBar:
     def _line(self, fraction: float, status: str) -> str:
         filled = int(self.width * fraction)
         elapsed = time.perf_counter() - self.start
-        rate = self.count / elapsed if elapsed > 0 else 0.0
         bar = "#" * filled + "-" * (self.width - filled)
-        return f"{self.desc} [{bar}] {self.count}/{self.total} {elapsed:6.1f}s {rate:5.1f} it/s {status}"
+        return f"{self.desc} [{bar}] {self.count}/{self.total} {elapsed:6.1f}s {self._rate(elapsed)} {status}"
+
+    def _rate(self, elapsed: float) -> str:
+        if self.count == 0 or elapsed <= 0:
+            return "-- it/s"
+        rate = self.count / elapsed
+        return f"{rate:5.1f} it/s" if rate >= 1 else f"{1 / rate:5.1f} s/it"

@@ -54,13 +54,14 @@ def cmd_train(args) -> int:
     from .training.trainer import Trainer
 
     device = resolve_device(args.device)
+    source = _data_source(args)
+    data = _load_data(args.dataset, source)
     seed_everything(args.seed)
-    forecaster = models.create(args.model, args.dataset, backend=args.backend)
+    context = models.build_context(args.model, args.dataset, data=data)
+    forecaster = models.create(args.model, args.dataset, backend=args.backend, context=context)
     training = forecaster.config["training"]
     if args.batch_size is not None:
         training["batch_size"] = _positive("--batch-size", args.batch_size)
-    source = _data_source(args)
-    data = _load_data(args.dataset, source)
     out_dir = Path(args.out) if args.out else Path("runs") / f"{forecaster.spec.name}-{data.name}"
     trainer = Trainer(forecaster, data, training, device=device, out_dir=out_dir, seed=args.seed,
                       data_source=source, progress=not args.no_progress, verbose=True)
@@ -90,13 +91,14 @@ def cmd_eval(args) -> int:
 
     checkpoint = load_checkpoint(args.checkpoint)
     device = resolve_device(args.device)
-    forecaster = models.create(checkpoint["model_name"], checkpoint["dataset"], backend=checkpoint["backend"],
-                               **checkpoint["model_args"])
-    forecaster.model.load_state_dict(checkpoint["model"], strict=True)
     source = checkpoint.get("data_source") if args.data is None and not args.synthetic else _data_source(args)
     if source is None:
         raise ValueError("--data PATH or --synthetic: the checkpoint does not say which data it was trained on")
     data = _load_data(checkpoint["dataset"], source)
+    context = models.build_context(checkpoint["model_name"], checkpoint["dataset"], data=data)
+    forecaster = models.create(checkpoint["model_name"], checkpoint["dataset"], backend=checkpoint["backend"],
+                               context=context, **checkpoint["model_args"])
+    forecaster.model.load_state_dict(checkpoint["model"], strict=True)
     training = dict(checkpoint["training"])
     if args.batch_size is not None:
         training["batch_size"] = _positive("--batch-size", args.batch_size)
@@ -113,7 +115,8 @@ def cmd_profile(args) -> int:
     from .profiler import profile
 
     device = resolve_device(args.device)
-    forecaster = models.create(args.model, args.dataset, backend=args.backend)
+    context = models.build_context(args.model, args.dataset, graph=args.graph, synthetic_seed=args.seed)
+    forecaster = models.create(args.model, args.dataset, backend=args.backend, context=context)
     batch_size = _positive("--batch-size", args.batch_size)
     batch, scaler = synthetic_batch(args.dataset, batch_size, seed=args.seed, device=device, return_scaler=True)
     report = profile(forecaster, batch, scaler=scaler, warmup=args.warmup, repeats=args.repeats, device=device)
@@ -184,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--warmup", type=int, default=3)
     prof.add_argument("--repeats", type=int, default=10)
     prof.add_argument("--seed", type=int, default=0)
+    prof.add_argument("--graph", type=Path, help="road graph for models that use one (default: the synthetic "
+                                                 "data's graph)")
     prof.add_argument("--json", help="write the report to this JSON file")
     prof.set_defaults(func=cmd_profile)
     return parser

@@ -575,3 +575,20 @@ def test_argument_errors_of_load_dataset_and_batches(pems08_npy):
         synthetic_series("PEMS08", num_steps=0)
     with pytest.raises(ValueError, match="seed: expected a non-negative int, got -1"):
         synthetic_series("PEMS08", num_steps=10, seed=-1)
+
+
+def test_synthetic_adjacency_is_the_graph_behind_the_synthetic_series():
+    from stfast.data import synthetic_adjacency
+
+    adjacency = synthetic_adjacency("PEMS08", seed=3)
+    assert adjacency.shape == (170, 170) and adjacency.dtype == np.float32
+    assert np.array_equal(adjacency, synthetic_adjacency("PEMS08", seed=3))
+    assert np.all(adjacency.diagonal() == 1) and np.all((adjacency >= 0) & (adjacency <= 1))
+    assert np.all(np.count_nonzero(adjacency, axis=1) == 5)
+    # Linked nodes share the smooth component: their day-detrended series correlate more.
+    days = synthetic_series("PEMS08", num_steps=288 * 4, seed=3)[..., 0].reshape(4, 288, 170)
+    residual = (days - days.mean(axis=0)).reshape(-1, 170)
+    corr = np.corrcoef(residual.T)
+    linked = adjacency > 0
+    np.fill_diagonal(linked, False)
+    assert corr[linked].mean() > corr[~linked & ~np.eye(170, dtype=bool)].mean() + 0.1

@@ -10,9 +10,9 @@ from stfast.data.batch import Batch, StandardScaler
 from stfast.data.dataset import ForecastData, load_dataset, sliding_window_index
 from stfast.data.graph import load_adjacency
 from stfast.data.series import load_series, time_features
-from stfast.data.synthetic import synthetic_batch, synthetic_series
+from stfast.data.synthetic import synthetic_adjacency, synthetic_batch, synthetic_series
 
 __all__ = [
     "Batch", "StandardScaler", "ForecastData", "load_dataset", "synthetic_series", "synthetic_batch",
-    "load_adjacency", "load_series", "time_features", "sliding_window_index",
+    "load_adjacency", "load_series", "synthetic_adjacency", "time_features", "sliding_window_index",
 ]

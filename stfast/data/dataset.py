@@ -15,7 +15,7 @@ from stfast.configs import DATASETS, DatasetInfo, canonical_dataset
 from stfast.data.batch import Batch, StandardScaler, gather_batch, positive_int
 from stfast.data.graph import load_adjacency
 from stfast.data.series import known_dataset, read_npz_arrays, read_series, resolve_data_path
-from stfast.data.synthetic import synthetic_series
+from stfast.data.synthetic import synthetic_adjacency, synthetic_series
 
 __all__ = ["ForecastData", "load_dataset", "sliding_window_index", "SPLITS"]
 
@@ -38,6 +38,7 @@ class ForecastData:
     in_steps: int = 12
     out_steps: int = 12
     steps_per_day: int = 288
+    synthetic: bool = False
 
     @property
     def num_nodes(self) -> int:
@@ -76,7 +77,7 @@ def load_dataset(
     With an ``index.npz`` beside ``data.npz`` its splits are used as given (and ``dataset`` may then be
     a custom name); otherwise windows slide with stride 1 and split chronologically by the dataset's
     published fractions. ``num_steps`` and ``seed`` apply to synthetic data only. ``graph`` is read
-    with :func:`load_adjacency`.
+    with :func:`load_adjacency`; synthetic data comes with the graph it was generated on.
     """
     in_steps, out_steps = positive_int(in_steps, "in_steps"), positive_int(out_steps, "out_steps")
     info = known_dataset(dataset)
@@ -90,8 +91,10 @@ def load_dataset(
                                        argument="num_steps" if synthetic else "path"))
     scaler = StandardScaler.fit_windows(series[..., 0], index["train"][:, 0], in_steps)
     adjacency = _load_graph(graph, series.shape[1], name) if graph is not None else None
+    if synthetic and adjacency is None:
+        adjacency = synthetic_adjacency(name, seed=seed)  # the graph the synthetic series was made on
     steps_per_day = info.steps_per_day if info is not None else 288
-    return ForecastData(name, series, scaler, index, adjacency, in_steps, out_steps, steps_per_day)
+    return ForecastData(name, series, scaler, index, adjacency, in_steps, out_steps, steps_per_day, synthetic)
 
 
 def _load_graph(graph, num_nodes: int, name: str) -> np.ndarray:

@@ -24,7 +24,7 @@ from stfast.configs import DatasetInfo, dataset_info
 from stfast.data.batch import Batch, StandardScaler, gather_batch, positive_int
 from stfast.data.series import time_features
 
-__all__ = ["synthetic_series", "synthetic_batch"]
+__all__ = ["synthetic_series", "synthetic_batch", "synthetic_adjacency"]
 
 MISSING_RATE = 0.005
 _SMOOTH_WIDTH = 24  # steps (2 hours) of each of the two box filters of the shared component
@@ -66,6 +66,22 @@ def synthetic_batch(
     scaler = StandardScaler.fit_windows(series[..., 0], starts, in_steps)
     batch = gather_batch(series, starts, scaler, in_steps, out_steps, device=device, dtype=dtype)
     return (batch, scaler) if return_scaler else batch
+
+
+def synthetic_adjacency(dataset: str, seed: int = 0) -> np.ndarray:
+    """The (N, N) float32 road graph behind :func:`synthetic_series` with the same ``seed``.
+
+    Each node links to its nearest nodes (the ones whose noise it mixes), weighted by a Gaussian
+    kernel of the distance (as DCRNN builds road graphs), with self-loops of weight 1.
+    """
+    info = dataset_info(dataset)
+    param_rng = _streams(info.name, _seed(seed))[0]
+    nodes = _node_parameters(param_rng, info)
+    adjacency = np.zeros((info.num_nodes, info.num_nodes), dtype=np.float32)
+    rows = np.repeat(np.arange(info.num_nodes), nodes["neighbours"].shape[1])
+    weights = nodes["weights"] / nodes["weights"][:, :1]  # the node itself (nearest, weight 1) first
+    adjacency[rows, nodes["neighbours"].ravel()] = weights.ravel()
+    return adjacency
 
 
 def _seed(seed) -> int:

@@ -15,13 +15,17 @@ from torch import nn
 
 from .spec import BuildContext, ModelSpec
 
-__all__ = ["Forecaster", "ModelSpec", "BuildContext", "available", "backends", "create", "count_parameters",
-           "model_module"]
+__all__ = ["Forecaster", "ModelSpec", "BuildContext", "available", "backends", "build_context", "create",
+           "count_parameters", "model_module"]
 
 # name -> module under stfast.models
 _MODULES = {
     "himnet": "himnet",
     "hi": "hi",
+    "stid": "stid",
+    "stgcn": "stgcn",
+    "gwnet": "gwnet",
+    "stnorm": "stnorm",
 }
 
 
@@ -91,6 +95,27 @@ def create(name: str, dataset: str = "METR-LA", *, backend: str = "reference", c
     config["model"].update(overrides)
     model = module.build(config["model"], context or BuildContext(), backend=backend)
     return Forecaster(model, module.SPEC, config, backend)
+
+
+def build_context(name: str, dataset: str, *, data=None, graph=None, synthetic_seed: int = 0) -> BuildContext:
+    """The graph and training series model ``name`` needs, from ``graph`` (a file), ``data`` (a
+    :class:`stfast.data.ForecastData`), or, without data, the synthetic dataset of that shape."""
+    from .. import configs
+    from ..data import load_adjacency, synthetic_adjacency, synthetic_series
+
+    spec = model_module(name).SPEC
+    info = configs.dataset_info(dataset)
+    adjacency = load_adjacency(graph, info.num_nodes) if graph is not None else getattr(data, "adjacency", None)
+    if spec.needs_graph and adjacency is None:
+        if data is not None:
+            raise ValueError(f"graph: {spec.name} needs the road graph of {info.name}; pass --graph FILE "
+                             "(adj_mx.pkl or a distance .csv), got none")
+        adjacency = synthetic_adjacency(info.name, seed=synthetic_seed)
+    train_series = None
+    if spec.needs_train_series:
+        series = data.series if data is not None else synthetic_series(info.name, seed=synthetic_seed)
+        train_series = series[: round(len(series) * info.split[0]), :, 0]
+    return BuildContext(adjacency=adjacency, train_series=train_series)
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:

@@ -9,6 +9,7 @@ Each model's module (``stfast/models/<name>.py``) follows the contract in :mod:`
 from __future__ import annotations
 
 import importlib
+from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -18,14 +19,22 @@ from .spec import BuildContext, ModelSpec
 __all__ = ["Forecaster", "ModelSpec", "BuildContext", "available", "backends", "build_context", "create",
            "count_parameters", "model_module"]
 
-# name -> module under stfast.models
+# name -> (module under stfast.models, suffix of its SPEC / config / build names)
 _MODULES = {
-    "himnet": "himnet",
-    "hi": "hi",
-    "stid": "stid",
-    "stgcn": "stgcn",
-    "gwnet": "gwnet",
-    "stnorm": "stnorm",
+    "himnet": ("himnet", ""),
+    "hi": ("hi", ""),
+    "stid": ("stid", ""),
+    "stgcn": ("stgcn", ""),
+    "gwnet": ("gwnet", ""),
+    "stnorm": ("stnorm", ""),
+    "dcrnn": ("dcrnn", ""),
+    "agcrn": ("agcrn", ""),
+    "gts": ("gts", ""),
+    "megacrn": ("megacrn", ""),
+    "staeformer": ("staeformer", ""),
+    "lstm": ("lstm", ""),
+    "lstm_largest": ("lstm", "_largest"),  # the LargeST / ST-LoRA LSTM
+    "d2stgnn": ("d2stgnn", ""),
 }
 
 
@@ -34,17 +43,20 @@ def available() -> list[str]:
     return sorted(_MODULES)
 
 
-def model_module(name: str):
-    """The module that defines model ``name`` (``SPEC``, ``config``, ``build``)."""
+def model_module(name: str) -> SimpleNamespace:
+    """Model ``name``'s ``SPEC``, ``config``, ``build`` and ``BACKENDS`` from the module defining it."""
     key = name.lower() if isinstance(name, str) else name
     if key not in _MODULES:
         raise ValueError(f"model: expected one of {available()}, got {name!r}")
-    return importlib.import_module(f"{__name__}.{_MODULES[key]}")
+    module_name, suffix = _MODULES[key]
+    module = importlib.import_module(f"{__name__}.{module_name}")
+    return SimpleNamespace(SPEC=getattr(module, "SPEC" + suffix.upper()), config=getattr(module, "config" + suffix),
+                           build=getattr(module, "build" + suffix), BACKENDS=getattr(module, "BACKENDS", ("reference",)))
 
 
 def backends(name: str) -> list[str]:
     """Backends :func:`create` accepts for model ``name``."""
-    return list(getattr(model_module(name), "BACKENDS", ("reference",)))
+    return list(model_module(name).BACKENDS)
 
 
 class Forecaster(nn.Module):

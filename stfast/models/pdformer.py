@@ -14,7 +14,9 @@ Data-derived inputs (buffers, no parameters), computed by :func:`build` from the
 - Laplacian positional encoding: the ``lape_dim`` eigenvectors of the symmetric normalised Laplacian
   of ``max(A, A^T)`` after the ``isolated + 1`` smallest (the original drops the same number but
   takes the real part of ``np.linalg.eig`` of ``I - D^-1/2 A^T D^-1/2`` of the directed graph). As in
-  the original executor, their signs are flipped at random in every training forward.
+  the original executor, their signs are flipped at random in every training forward. METR-LA's
+  symmetrised graph has two components, so, as in the original, the first kept vector still has
+  eigenvalue 0 (it marks the component).
 - Geographic mask: query i may not attend to key j when the directed hop distance j -> i is at least
   ``far_mask_delta`` (BFS over ``A > 0``, unreachable = 511 hops as in the original).
 - Semantic mask: each node attends to its ``dtw_delta`` most similar nodes (itself included). The
@@ -25,7 +27,10 @@ Data-derived inputs (buffers, no parameters), computed by :func:`build` from the
   original's k-Shape centroids). Else a stand-in for k-Shape from ``context.train_series``: k-means
   (``cluster_max_iter`` Lloyd steps, seeded) on per-pattern z-normalised ``s_attn_size``-step patterns
   of the first ``cand_key_days`` days (k-Shape centroids are z-normalised shapes too). Else a fixed
-  seeded N(0, 1) set. ``model.derived_inputs`` records which source each input came from.
+  seeded N(0, 1) set. As in the original, the keys are shapes while the recent patterns they are
+  matched with are the scaled values themselves. ``model.derived_inputs`` records each input's source.
+
+All four are registered buffers, so a state dict carries them with the weights.
 
 Training recipe features that live in the trainer (AdamW, cosine LR with warm-up, curriculum over
 horizons) are recorded in :func:`config`'s training dict only.
@@ -271,10 +276,12 @@ class SpatioTemporalSelfAttention(nn.Module):
     def attend(self, q, k, v, heads: int, blocked: torch.Tensor | None = None) -> torch.Tensor:
         """Scaled dot-product attention over the second-last axis of (..., L, heads * h)."""
         q, k, v = (split_heads(t, heads) for t in (q, k, v))
+        lead = q.shape[:-3]  # folded into one axis: the fused kernels take 4-D inputs
+        q, k, v = (t.flatten(0, -4) for t in (q, k, v))
         mask = None if blocked is None else ~blocked
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                              dropout_p=self.attn_drop if self.training else 0.0)
-        return merge_heads(out)
+        return merge_heads(out.unflatten(0, lead))
 
     def delay_aware_keys(self, x_patterns: torch.Tensor, pattern_keys: torch.Tensor) -> torch.Tensor:
         """Each position's pattern attends over the pattern keys; returns the (B, T, N, geo_dim) key term."""

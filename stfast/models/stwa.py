@@ -55,6 +55,13 @@ def apply_generated(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -
     return torch.einsum("btnc,bncd->btnd", x, weight) + bias.unsqueeze(1)
 
 
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Softmax attention over the second-last axis; leading axes folded into 4-D for the fused kernels."""
+    lead = q.shape[:-3]
+    out = F.scaled_dot_product_attention(q.flatten(0, -4), k.flatten(0, -4), v.flatten(0, -4))
+    return out.unflatten(0, lead)
+
+
 def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
     """(B, T, N, C) -> (B, heads, T, N, C / heads); head k holds channels [k*h, (k+1)*h)."""
     b, t, n, c = x.shape
@@ -109,7 +116,7 @@ class TemporalAttention(nn.Module):
         value = apply_generated(tokens, *value_params)
         # heads then node before time: attention runs over the time axis of each node
         q, k, v = (split_heads(t, NUM_HEADS).transpose(2, 3) for t in (query, key, value))
-        out = F.scaled_dot_product_attention(q, k, v).transpose(2, 3)
+        out = attention(q, k, v).transpose(2, 3)
         return self.projection2(torch.tanh(self.projection1(merge_heads(out))))
 
 
@@ -127,7 +134,7 @@ class SpatialAttention(nn.Module):
         key = apply_generated(x, *key_params)
         value = apply_generated(x, *value_params)
         q, k, v = (split_heads(t, NUM_HEADS) for t in (x, key, value))
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = attention(q, k, v)
         return self.projection2(torch.relu(self.projection1(merge_heads(out))))
 
 

@@ -1,0 +1,172 @@
+"""Backend registry and selection shared by every op family.
+
+A backend is a name plus, per op, an implementation function registered with
+:func:`register_impl`. Adding a backend for an op is one ``register_impl`` call; adding a new
+backend also needs its environment probe in ``_PROBES``.
+
+Selection order: an explicit :func:`set_backend` / :func:`use_backend` choice, else the
+``STFAST_BACKEND`` environment variable (read whenever no explicit choice is active, so it can be
+changed at run time), else ``"auto"``. ``"auto"`` picks, for the tensor's device, the first
+available backend in ``_AUTO_PREFERENCE``. A forced backend that cannot run raises when an op is
+called, with a message giving every backend and why it can or cannot run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+from typing import Callable
+
+import torch
+
+__all__ = [
+    "BACKENDS",
+    "ENV_VAR",
+    "available_backends",
+    "current_backend",
+    "register_impl",
+    "resolve_backend",
+    "set_backend",
+    "use_backend",
+    "lookup_impl",
+]
+
+BACKENDS = ("torch", "triton", "cuda", "cpu")
+ENV_VAR = "STFAST_BACKEND"
+_CHOICES = ("auto",) + BACKENDS
+
+# Fastest first; "auto" takes the first one that can run the op on the device.
+_AUTO_PREFERENCE = {
+    "cuda": ("cuda", "triton", "torch"),
+    "cpu": ("cpu", "torch"),
+}
+
+_IMPLS: dict[str, dict[str, Callable]] = {name: {} for name in BACKENDS}
+_explicit_choice: str | None = None
+
+
+def register_impl(backend: str, op: str, fn: Callable) -> Callable:
+    """Make ``fn`` the ``backend`` implementation of ``op`` (e.g. ``"meta_gconv"``)."""
+    _check_name(backend, allow_auto=False)
+    _IMPLS[backend][op] = fn
+    return fn
+
+
+def _check_name(name, *, allow_auto: bool = True) -> str:
+    valid = _CHOICES if allow_auto else BACKENDS
+    if not isinstance(name, str) or name.lower() not in valid:
+        raise ValueError(f"backend: expected one of {', '.join(valid)}, got {name!r}")
+    return name.lower()
+
+
+def _probe_torch(device: torch.device) -> bool | str:
+    return True
+
+
+def _probe_triton(device: torch.device) -> bool | str:
+    reasons = []
+    if importlib.util.find_spec("triton") is None:
+        reasons.append("triton is not importable")
+    if device.type != "cuda":
+        reasons.append(f"needs a CUDA device, got {device.type}")
+    return "; ".join(reasons) or True
+
+
+def _probe_cuda(device: torch.device) -> bool | str:
+    reasons = ["the stfast CUDA extension is not built yet"]
+    if device.type != "cuda":
+        reasons.append(f"needs a CUDA device, got {device.type}")
+    return "; ".join(reasons)
+
+
+def _probe_cpu(device: torch.device) -> bool | str:
+    reasons = ["the stfast C++ CPU extension is not built yet"]
+    if device.type != "cpu":
+        reasons.append(f"needs a CPU tensor, got {device.type}")
+    return "; ".join(reasons)
+
+
+_PROBES = {"torch": _probe_torch, "triton": _probe_triton, "cuda": _probe_cuda, "cpu": _probe_cpu}
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _availability(name: str, device: torch.device, op: str | None) -> bool | str:
+    reasons = []
+    if op is not None and op not in _IMPLS[name]:
+        reasons.append(f"no {op} kernel yet")
+    elif op is None and not _IMPLS[name]:
+        reasons.append("no kernels yet")
+    probe = _PROBES[name](device)
+    if probe is not True:
+        reasons.append(probe)
+    return "; ".join(reasons) or True
+
+
+def available_backends(device=None, op: str | None = None) -> dict[str, bool | str]:
+    """``{name: True | "why it cannot run"}`` for every backend, on ``device`` (default: CUDA if
+    present, else CPU) and, if given, for the op named ``op``."""
+    device = torch.device(device) if device is not None else _default_device()
+    return {name: _availability(name, device, op) for name in BACKENDS}
+
+
+def current_backend() -> str:
+    """The selected backend name (``"auto"`` or a forced one), not yet resolved for a device."""
+    if _explicit_choice is not None:
+        return _explicit_choice
+    from_env = os.environ.get(ENV_VAR, "").strip()
+    if not from_env:
+        return "auto"
+    try:
+        return _check_name(from_env)
+    except ValueError as err:
+        raise ValueError(f"{ENV_VAR}: {err}") from None
+
+
+def set_backend(name: str | None) -> None:
+    """Force a backend (``"auto"`` to choose per device); ``None`` clears the explicit choice so
+    that ``STFAST_BACKEND`` (or ``"auto"``) applies again."""
+    global _explicit_choice
+    _explicit_choice = None if name is None else _check_name(name)
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Run the ``with`` block with backend ``name``, restoring the previous choice afterwards."""
+    global _explicit_choice
+    previous = _explicit_choice
+    set_backend(name)
+    try:
+        yield
+    finally:
+        _explicit_choice = previous
+
+
+def _describe(status: dict[str, bool | str]) -> str:
+    return "; ".join(f"{name}: {'available' if ok is True else ok}" for name, ok in status.items())
+
+
+def resolve_backend(op: str, device) -> str:
+    """The concrete backend that will run ``op`` on ``device`` under the current selection."""
+    device = torch.device(device)
+    status = available_backends(device, op)
+    choice = current_backend()
+    if choice != "auto":
+        if status[choice] is not True:
+            raise RuntimeError(
+                f"backend {choice!r} cannot run {op} on {device.type}: {status[choice]}. "
+                f"All backends: {_describe(status)}"
+            )
+        return choice
+    for name in _AUTO_PREFERENCE.get(device.type, ("torch",)):
+        if status[name] is True:
+            return name
+    raise RuntimeError(f"no backend can run {op} on {device.type}. All backends: {_describe(status)}")
+
+
+def lookup_impl(op: str, device) -> Callable:
+    """The implementation of ``op`` for ``device`` under the current selection."""
+    return _IMPLS[resolve_backend(op, device)][op]

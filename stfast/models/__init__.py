@@ -31,6 +31,8 @@ _MODULES = {
     "agcrn": ("agcrn", ""),
     "gts": ("gts", ""),
     "megacrn": ("megacrn", ""),
+    "stwa": ("stwa", ""),
+    "pdformer": ("pdformer", ""),
     "staeformer": ("staeformer", ""),
     "lstm": ("lstm", ""),
     "lstm_largest": ("lstm", "_largest"),  # the LargeST / ST-LoRA LSTM

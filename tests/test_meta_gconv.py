@@ -175,19 +175,19 @@ def test_half_precision_runs(dtype):
 def test_opcheck_meta_gconv(axis, support_kind, cheb_k, activation):
     x, supports, e, pool, bias_pool = make_inputs(axis, support_kind, cheb_k, 2, 5)
     torch.library.opcheck(torch.ops.stfast.meta_gconv.default,
-                          (x, supports, e, pool, bias_pool, cheb_k, activation, axis))
+                          (x, supports, e, pool, bias_pool, cheb_k, activation, axis, "torch"))
 
 
 def test_opcheck_meta_gconv_without_bias_or_grads():
     x, supports, e, pool, _ = make_inputs("ST", "shared", 2, 2, 5)
-    torch.library.opcheck(torch.ops.stfast.meta_gconv.default, (x, supports.detach(), e, pool, None, 2, None, "ST"))
+    torch.library.opcheck(torch.ops.stfast.meta_gconv.default, (x, supports.detach(), e, pool, None, 2, None, "ST", "torch"))
 
 
 def test_opcheck_gconv():
     x = torch.randn(2, 5, 3, requires_grad=True)
     supports = torch.randn(5, 5, requires_grad=True)
     weight, bias = torch.randn(6, 4, requires_grad=True), torch.randn(4, requires_grad=True)
-    torch.library.opcheck(torch.ops.stfast.gconv.default, (x, supports, weight, bias, 2, "tanh"))
+    torch.library.opcheck(torch.ops.stfast.gconv.default, (x, supports, weight, bias, 2, "tanh", "torch"))
 
 
 class TinyMetaLayer(torch.nn.Module):
@@ -217,6 +217,7 @@ def test_torch_compile_fullgraph():
 @pytest.fixture
 def clean_backend(monkeypatch):
     monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the interpreter makes triton runnable on CPU
     ops.set_backend(None)
     yield
     ops.set_backend(None)

@@ -53,7 +53,8 @@ def model_module(name: str) -> SimpleNamespace:
     module_name, suffix = _MODULES[key]
     module = importlib.import_module(f"{__name__}.{module_name}")
     return SimpleNamespace(SPEC=getattr(module, "SPEC" + suffix.upper()), config=getattr(module, "config" + suffix),
-                           build=getattr(module, "build" + suffix), BACKENDS=getattr(module, "BACKENDS", ("reference",)))
+                           build=getattr(module, "build" + suffix), BACKENDS=getattr(module, "BACKENDS", ("reference",)),
+                           DEFAULT_BACKEND=getattr(module, "DEFAULT_BACKEND", "reference"))
 
 
 def backends(name: str) -> list[str]:
@@ -79,9 +80,13 @@ class Forecaster(nn.Module):
         args = [_select_channels(batch.x, self.spec.x_channels)]
         if self.spec.takes_y_cov:
             args.append(_select_channels(batch.y_cov, self.spec.y_cov_channels))
-        if self.spec.teacher_forcing and self.training:
-            return self.model(*args, labels=labels, batches_seen=batches_seen)
-        return self.model(*args)
+        kwargs = {"labels": labels, "batches_seen": batches_seen} if self.spec.teacher_forcing and self.training else {}
+        if self.backend == "reference":
+            return self.model(*args, **kwargs)
+        from .. import ops
+
+        with ops.use_backend(self.backend):  # the ops' backward runs on the backend the forward chose
+            return self.model(*args, **kwargs)
 
     def auxiliary_loss(self):
         """The model's training-only extra loss term for the last forward, or None."""
@@ -95,12 +100,17 @@ def _select_channels(t: torch.Tensor, channels: tuple[int, ...]) -> torch.Tensor
     return t[..., list(channels)]
 
 
-def create(name: str, dataset: str = "METR-LA", *, backend: str = "reference", context: BuildContext | None = None,
+def create(name: str, dataset: str = "METR-LA", *, backend: str | None = None, context: BuildContext | None = None,
            **overrides) -> Forecaster:
-    """Build ``name`` with its published configuration on ``dataset``; ``overrides`` replace model args."""
+    """Build ``name`` with its published configuration on ``dataset``; ``overrides`` replace model args.
+
+    ``backend``: ``"reference"`` for the published implementation; for models built on stfast's ops
+    (HimNet) an op backend (``"auto"``, ``"torch"``, ``"triton"``); default: the model's fastest.
+    """
     from .. import configs
 
     module = model_module(name)
+    backend = module.DEFAULT_BACKEND if backend is None else backend
     config = configs.load(name, dataset)
     unknown = sorted(set(overrides) - set(config["model"]))
     if unknown:

@@ -1,4 +1,4 @@
-"""HimNet in the zoo: the published configuration and the module for a backend."""
+"""HimNet in the zoo: the published configuration, the fused module, and the reference oracle."""
 
 from __future__ import annotations
 
@@ -6,16 +6,20 @@ from .. import configs
 from .spec import ModelSpec
 
 SPEC = ModelSpec("himnet", x_channels=(0, 1, 2), takes_y_cov=True, teacher_forcing=True)
-BACKENDS = ("reference",)
+# "reference" is the faithful port; every other name is an op backend for the fused stfast.nn.HimNet.
+BACKENDS = ("auto", "reference", "torch", "triton")
+DEFAULT_BACKEND = "auto"
 
 
 def config(dataset: str) -> dict:
     return configs.himnet_config(dataset)
 
 
-def build(model_args: dict, context=None, backend: str = "reference"):
+def build(model_args: dict, context=None, backend: str = DEFAULT_BACKEND):
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {list(BACKENDS)} for himnet, got {backend!r}")
-    from ..reference import HimNet
-
+    if backend == "reference":
+        from ..reference import HimNet
+    else:
+        from ..nn import HimNet
     return HimNet(**model_args)

@@ -30,6 +30,7 @@ __all__ = [
     "set_backend",
     "use_backend",
     "lookup_impl",
+    "implementation",
 ]
 
 BACKENDS = ("torch", "triton", "cuda", "cpu")
@@ -68,8 +69,10 @@ def _probe_triton(device: torch.device) -> bool | str:
     reasons = []
     if importlib.util.find_spec("triton") is None:
         reasons.append("triton is not importable")
-    if device.type != "cuda":
-        reasons.append(f"needs a CUDA device, got {device.type}")
+    # CPU tensors run only under the Triton interpreter, for tests; "auto" never picks triton on CPU.
+    interpreted_cpu = device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+    if device.type != "cuda" and not interpreted_cpu:
+        reasons.append(f"needs a CUDA device (or CPU tensors under TRITON_INTERPRET=1, tests only), got {device.type}")
     return "; ".join(reasons) or True
 
 
@@ -170,3 +173,12 @@ def resolve_backend(op: str, device) -> str:
 def lookup_impl(op: str, device) -> Callable:
     """The implementation of ``op`` for ``device`` under the current selection."""
     return _IMPLS[resolve_backend(op, device)][op]
+
+
+def implementation(backend: str, op: str, device) -> Callable:
+    """``backend``'s implementation of ``op`` (a backend resolved earlier, e.g. by the forward whose
+    backward this is), after checking that it can still run on ``device``."""
+    status = _availability(backend, torch.device(device), op)
+    if status is not True:
+        raise RuntimeError(f"backend {backend!r} cannot run {op} on {torch.device(device).type}: {status}")
+    return _IMPLS[backend][op]

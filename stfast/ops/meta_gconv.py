@@ -128,14 +128,15 @@ def _meta_gconv_op(
     cheb_k: int,
     activation: Optional[str],
     axis: str,
+    backend: str,
 ) -> Tensor:
     check_meta_gconv_inputs(x, supports, embeddings, weights_pool, bias_pool, cheb_k, activation, axis)
-    impl = backends.lookup_impl("meta_gconv", x.device)
+    impl = backends.implementation(backend, "meta_gconv", x.device)
     return impl(x, supports, embeddings, weights_pool, bias_pool, cheb_k, activation, axis)
 
 
 @_meta_gconv_op.register_fake
-def _(x, supports, embeddings, weights_pool, bias_pool, cheb_k, activation, axis):
+def _(x, supports, embeddings, weights_pool, bias_pool, cheb_k, activation, axis, backend):
     check_meta_gconv_inputs(x, supports, embeddings, weights_pool, bias_pool, cheb_k, activation, axis)
     return x.new_empty(x.shape[0], x.shape[1], weights_pool.shape[-1])
 
@@ -152,15 +153,16 @@ def _meta_gconv_backward_op(
     cheb_k: int,
     activation: Optional[str],
     axis: str,
+    backend: str,
     needs: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    impl = backends.lookup_impl("meta_gconv_backward", x.device)
+    impl = backends.implementation(backend, "meta_gconv_backward", x.device)
     grads = impl(grad, out, x, supports, embeddings, weights_pool, bias_pool, cheb_k, activation, axis, needs)
     return tuple(_empty_unless(g, need, x) for g, need in zip(grads, needs))
 
 
 @_meta_gconv_backward_op.register_fake
-def _(grad, out, x, supports, embeddings, weights_pool, bias_pool, cheb_k, activation, axis, needs):
+def _(grad, out, x, supports, embeddings, weights_pool, bias_pool, cheb_k, activation, axis, backend, needs):
     inputs = (x, supports, embeddings, weights_pool, bias_pool)
     return tuple(
         t.new_empty(t.shape) if need and t is not None else x.new_empty(0) for t, need in zip(inputs, needs)
@@ -168,9 +170,9 @@ def _(grad, out, x, supports, embeddings, weights_pool, bias_pool, cheb_k, activ
 
 
 def _meta_gconv_setup_context(ctx, inputs, output):
-    x, supports, embeddings, weights_pool, bias_pool, cheb_k, activation, axis = inputs
+    x, supports, embeddings, weights_pool, bias_pool, cheb_k, activation, axis, backend = inputs
     ctx.save_for_backward(x, supports, embeddings, weights_pool, bias_pool, output if activation else None)
-    ctx.options = (cheb_k, activation, axis)
+    ctx.options = (cheb_k, activation, axis, backend)  # backward runs on the forward's backend
 
 
 def _meta_gconv_backward(ctx, grad):
@@ -179,7 +181,7 @@ def _meta_gconv_backward(ctx, grad):
     grads = _meta_gconv_backward_op(
         grad, out, x, supports, embeddings, weights_pool, bias_pool, *ctx.options, needs
     )
-    return tuple(g if need else None for g, need in zip(grads, needs)) + (None, None, None)
+    return tuple(g if need else None for g, need in zip(grads, needs)) + (None, None, None, None)
 
 
 _meta_gconv_op.register_autograd(_meta_gconv_backward, setup_context=_meta_gconv_setup_context)
@@ -196,22 +198,24 @@ def meta_gconv(x, supports, embeddings, weights_pool, bias_pool, cheb_k, activat
     """
     axis = resolve_axis(x, embeddings, axis)
     check_meta_gconv_inputs(x, supports, embeddings, weights_pool, bias_pool, cheb_k, activation, axis)
-    return _meta_gconv_op(x, supports, embeddings, weights_pool, bias_pool, cheb_k, activation, axis)
+    backend = backends.resolve_backend("meta_gconv", x.device)
+    return _meta_gconv_op(x, supports, embeddings, weights_pool, bias_pool, cheb_k, activation, axis, backend)
 
 
 # ---------------------------------------------------------------- gconv op
 
 @torch.library.custom_op("stfast::gconv", mutates_args=())
 def _gconv_op(
-    x: Tensor, supports: Optional[Tensor], weight: Tensor, bias: Optional[Tensor], cheb_k: int, activation: Optional[str]
+    x: Tensor, supports: Optional[Tensor], weight: Tensor, bias: Optional[Tensor], cheb_k: int,
+    activation: Optional[str], backend: str,
 ) -> Tensor:
     check_gconv_inputs(x, supports, weight, bias, cheb_k, activation)
-    impl = backends.lookup_impl("gconv", x.device)
+    impl = backends.implementation(backend, "gconv", x.device)
     return impl(x, supports, weight, bias, cheb_k, activation)
 
 
 @_gconv_op.register_fake
-def _(x, supports, weight, bias, cheb_k, activation):
+def _(x, supports, weight, bias, cheb_k, activation, backend):
     check_gconv_inputs(x, supports, weight, bias, cheb_k, activation)
     return x.new_empty(x.shape[0], x.shape[1], weight.shape[-1])
 
@@ -226,15 +230,16 @@ def _gconv_backward_op(
     bias: Optional[Tensor],
     cheb_k: int,
     activation: Optional[str],
+    backend: str,
     needs: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    impl = backends.lookup_impl("gconv_backward", x.device)
+    impl = backends.implementation(backend, "gconv_backward", x.device)
     grads = impl(grad, out, x, supports, weight, bias, cheb_k, activation, needs)
     return tuple(_empty_unless(g, need, x) for g, need in zip(grads, needs))
 
 
 @_gconv_backward_op.register_fake
-def _(grad, out, x, supports, weight, bias, cheb_k, activation, needs):
+def _(grad, out, x, supports, weight, bias, cheb_k, activation, backend, needs):
     inputs = (x, supports, weight, bias)
     return tuple(
         t.new_empty(t.shape) if need and t is not None else x.new_empty(0) for t, need in zip(inputs, needs)
@@ -242,16 +247,16 @@ def _(grad, out, x, supports, weight, bias, cheb_k, activation, needs):
 
 
 def _gconv_setup_context(ctx, inputs, output):
-    x, supports, weight, bias, cheb_k, activation = inputs
+    x, supports, weight, bias, cheb_k, activation, backend = inputs
     ctx.save_for_backward(x, supports, weight, bias, output if activation else None)
-    ctx.options = (cheb_k, activation)
+    ctx.options = (cheb_k, activation, backend)
 
 
 def _gconv_backward(ctx, grad):
     x, supports, weight, bias, out = ctx.saved_tensors
     needs = [bool(n) for n in ctx.needs_input_grad[:4]]
     grads = _gconv_backward_op(grad, out, x, supports, weight, bias, *ctx.options, needs)
-    return tuple(g if need else None for g, need in zip(grads, needs)) + (None, None)
+    return tuple(g if need else None for g, need in zip(grads, needs)) + (None, None, None)
 
 
 _gconv_op.register_autograd(_gconv_backward, setup_context=_gconv_setup_context)
@@ -264,10 +269,16 @@ def gconv(x, supports, weight, bias, cheb_k, activation=None):
     ``weight (cheb_k*C, O)``; ``bias (O,)`` or ``None``. Returns ``(B, N, O)``.
     """
     check_gconv_inputs(x, supports, weight, bias, cheb_k, activation)
-    return _gconv_op(x, supports, weight, bias, cheb_k, activation)
+    backend = backends.resolve_backend("gconv", x.device)
+    return _gconv_op(x, supports, weight, bias, cheb_k, activation, backend)
 
 
 backends.register_impl("torch", "meta_gconv", _torch_gconv.meta_gconv_forward)
 backends.register_impl("torch", "meta_gconv_backward", _torch_gconv.meta_gconv_backward)
 backends.register_impl("torch", "gconv", _torch_gconv.gconv_forward)
 backends.register_impl("torch", "gconv_backward", _torch_gconv.gconv_backward)
+
+try:  # registers the triton backend; the module imports triton lazily, so this never needs it
+    from . import _triton_gconv  # noqa: F401,E402
+except ImportError:  # pragma: no cover
+    pass

@@ -77,12 +77,14 @@ class HimGCN(nn.Module):
 class HimGCRU(nn.Module):
     """Graph-convolutional GRU cell; ``z`` resets the state in the candidate, ``r`` blends."""
 
+    gcn_class = HimGCN  # the fused cell swaps in its own graph convolution (same parameters)
+
     def __init__(self, num_nodes, input_dim, output_dim, cheb_k, embed_dim, meta_axis="S"):
         super().__init__()
         self.num_nodes = num_nodes
         self.hidden_dim = output_dim
-        self.gate = HimGCN(input_dim + output_dim, 2 * output_dim, cheb_k, embed_dim, meta_axis)
-        self.update = HimGCN(input_dim + output_dim, output_dim, cheb_k, embed_dim, meta_axis)
+        self.gate = self.gcn_class(input_dim + output_dim, 2 * output_dim, cheb_k, embed_dim, meta_axis)
+        self.update = self.gcn_class(input_dim + output_dim, output_dim, cheb_k, embed_dim, meta_axis)
 
     def forward(self, x, state, support, embeddings):
         z_r = torch.sigmoid(self.gate(torch.cat((x, state), dim=-1), support, embeddings))
@@ -94,20 +96,23 @@ class HimGCRU(nn.Module):
         return torch.zeros(batch_size, self.num_nodes, self.hidden_dim, dtype=dtype, device=device)
 
 
-def _cell_stack(num_nodes, input_dim, hidden_dim, cheb_k, num_layers, embed_dim, meta_axis):
+def _cell_stack(cell_class, num_nodes, input_dim, hidden_dim, cheb_k, num_layers, embed_dim, meta_axis):
     dims = [input_dim] + [hidden_dim] * (num_layers - 1)
-    return nn.ModuleList(HimGCRU(num_nodes, d, hidden_dim, cheb_k, embed_dim, meta_axis) for d in dims)
+    return nn.ModuleList(cell_class(num_nodes, d, hidden_dim, cheb_k, embed_dim, meta_axis) for d in dims)
 
 
 class HimEncoder(nn.Module):
     """Stack of GCRU layers run over all input steps from a zero state."""
+
+    cell_class = HimGCRU
 
     def __init__(self, num_nodes, input_dim, output_dim, cheb_k, num_layers, embed_dim, meta_axis="S"):
         super().__init__()
         self.num_nodes = num_nodes
         self.input_dim = input_dim
         self.num_layers = num_layers
-        self.cells = _cell_stack(num_nodes, input_dim, output_dim, cheb_k, num_layers, embed_dim, meta_axis)
+        self.cells = _cell_stack(self.cell_class, num_nodes, input_dim, output_dim, cheb_k, num_layers, embed_dim,
+                                 meta_axis)
 
     def forward(self, x, support, embeddings):
         current_input = x
@@ -126,12 +131,15 @@ class HimEncoder(nn.Module):
 class HimDecoder(nn.Module):
     """One decoding step through the GCRU stack, each layer from its own state."""
 
+    cell_class = HimGCRU
+
     def __init__(self, num_nodes, input_dim, output_dim, cheb_k, num_layers, embed_dim, meta_axis="ST"):
         super().__init__()
         self.num_nodes = num_nodes
         self.input_dim = input_dim
         self.num_layers = num_layers
-        self.cells = _cell_stack(num_nodes, input_dim, output_dim, cheb_k, num_layers, embed_dim, meta_axis)
+        self.cells = _cell_stack(self.cell_class, num_nodes, input_dim, output_dim, cheb_k, num_layers, embed_dim,
+                                 meta_axis)
 
     def forward(self, xt, init_state, support, embeddings):
         current_input = xt
@@ -156,6 +164,9 @@ class HimNet(nn.Module):
     so seeding NumPy makes the draws reproducible.
     """
 
+    encoder_class = HimEncoder  # the fused model swaps in its own encoder and decoder (same parameters)
+    decoder_class = HimDecoder
+
     def __init__(self, num_nodes, input_dim=3, output_dim=1, out_steps=12, hidden_dim=64, num_layers=1,
                  cheb_k=2, ycov_dim=2, tod_embedding_dim=8, dow_embedding_dim=8, node_embedding_dim=16,
                  st_embedding_dim=16, tf_decay_steps=4000, use_teacher_forcing=True):
@@ -176,10 +187,10 @@ class HimNet(nn.Module):
         self.use_teacher_forcing = use_teacher_forcing
 
         time_dim = tod_embedding_dim + dow_embedding_dim
-        self.encoder_s = HimEncoder(num_nodes, input_dim, hidden_dim, cheb_k, num_layers, node_embedding_dim, "S")
-        self.encoder_t = HimEncoder(num_nodes, input_dim, hidden_dim, cheb_k, num_layers, time_dim, "T")
-        self.decoder = HimDecoder(num_nodes, output_dim + ycov_dim, hidden_dim, cheb_k, num_layers,
-                                  st_embedding_dim, "ST")
+        encoder, decoder = self.encoder_class, self.decoder_class
+        self.encoder_s = encoder(num_nodes, input_dim, hidden_dim, cheb_k, num_layers, node_embedding_dim, "S")
+        self.encoder_t = encoder(num_nodes, input_dim, hidden_dim, cheb_k, num_layers, time_dim, "T")
+        self.decoder = decoder(num_nodes, output_dim + ycov_dim, hidden_dim, cheb_k, num_layers, st_embedding_dim, "ST")
         self.out_proj = nn.Linear(hidden_dim, output_dim)
         self.tod_embedding = nn.Embedding(288, tod_embedding_dim)
         if dow_embedding_dim > 0:

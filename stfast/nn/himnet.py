@@ -1,0 +1,130 @@
+"""HimNet on stfast's ops: a drop-in for :class:`stfast.reference.HimNet`.
+
+Same constructor, forward signature, parameters (names, shapes, initialisation order) and
+teacher-forcing draws as the reference, so a reference state dict or a published checkpoint loads
+with ``strict=True`` and, from the same state and seed, both compute the same forecast. What changes
+is where the work goes (``shared/specs/himnet.md``, "Where the time goes"):
+
+- the spatio-temporal decoder runs on :func:`stfast.ops.meta_gconv`, which never materialises the
+  ``(B, N, K*C, O)`` per-(sample, node) weights; gate and candidate activations are fused epilogues;
+- the S and T encoders build their per-node / per-sample weights once per forward instead of at
+  every step, and split each gate into an input part and a state part: the input part (including
+  its graph propagation) of all input steps is one batched product up front, only the state part
+  ``A h_t`` is recurrent;
+- adaptive supports are built once per forward (as in the reference).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import ops
+from ..reference import himnet as reference
+
+__all__ = ["HimGCN", "HimGCRU", "HimEncoder", "HimDecoder", "HimNet"]
+
+
+def propagate(x: torch.Tensor, support: torch.Tensor, cheb_k: int) -> torch.Tensor:
+    """``cat([x, A x, 2 A (A x) - x, ...], -1)`` for ``x (..., N, C)`` and ``A (N, N)``, by the
+    recurrence on features (never forming ``A^k``)."""
+    terms = [x]
+    if cheb_k > 1:
+        terms.append(support @ x)
+    for _ in range(2, cheb_k):
+        terms.append(2 * (support @ terms[-1]) - terms[-2])
+    return torch.cat(terms, dim=-1)
+
+
+class HimGCN(reference.HimGCN):
+    """The reference graph convolution's parameters, computed by :func:`stfast.ops.meta_gconv`."""
+
+    def forward(self, x, support, embeddings, activation=None):
+        if self.meta_axis is None:
+            return ops.gconv(x.contiguous(), support, self.weights, self.bias, self.cheb_k, activation)
+        return ops.meta_gconv(x.contiguous(), support, embeddings, self.weights_pool, self.bias_pool, self.cheb_k,
+                              activation, axis=self.meta_axis)
+
+    def split_pool(self, input_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pool's rows acting on the input channels and on the state channels:
+        ``(D, K*C, O)`` and ``(D, K*H, O)`` (rows are ordered Chebyshev term, then channel)."""
+        dim, rows, out = self.weights_pool.shape
+        per_term = self.weights_pool.view(dim, self.cheb_k, rows // self.cheb_k, out)
+        return (per_term[:, :, :input_dim].reshape(dim, -1, out),
+                per_term[:, :, input_dim:].reshape(dim, -1, out))
+
+
+class HimGCRU(reference.HimGCRU):
+    gcn_class = HimGCN
+
+    def forward(self, x, state, support, embeddings):
+        z_r = self.gate(torch.cat((x, state), dim=-1), support, embeddings, activation="sigmoid")
+        z, r = torch.split(z_r, self.hidden_dim, dim=-1)
+        hc = self.update(torch.cat((x, z * state), dim=-1), support, embeddings, activation="tanh")
+        return r * state + (1 - r) * hc
+
+    def run_sequence(self, inputs, support, embeddings):
+        """All steps of ``inputs (B, T, N, C)`` from a zero state, for the S and T axes (shared
+        ``(N, N)`` support): returns the states ``(B, T, N, H)``."""
+        batch, steps, nodes, channels = inputs.shape
+        axis = self.gate.meta_axis
+        # Weights once per sequence (per node for S, per sample for T), input parts for all steps at once.
+        gate_x, gate_h = (_generate(embeddings, p) for p in self.gate.split_pool(channels))
+        update_x, update_h = (_generate(embeddings, p) for p in self.update.split_pool(channels))
+        xg = propagate(inputs, support, self.gate.cheb_k)
+        gate_in = _apply(xg, gate_x, axis) + _bias(embeddings, self.gate.bias_pool, axis)
+        update_in = _apply(xg, update_x, axis) + _bias(embeddings, self.update.bias_pool, axis)
+
+        state = inputs.new_zeros(batch, nodes, self.hidden_dim)
+        states = []
+        for t in range(steps):
+            hg = propagate(state, support, self.gate.cheb_k)
+            z, r = torch.split(torch.sigmoid(gate_in[:, t] + _apply(hg, gate_h, axis)), self.hidden_dim, dim=-1)
+            zg = propagate(z * state, support, self.update.cheb_k)
+            hc = torch.tanh(update_in[:, t] + _apply(zg, update_h, axis))
+            state = r * state + (1 - r) * hc
+            states.append(state)
+        return torch.stack(states, dim=1)
+
+
+def _generate(embeddings, pool):
+    """``W = E @ P``: ``(N or B, I, O)`` from ``E (N or B, D)`` and ``P (D, I, O)``."""
+    dim, rows, out = pool.shape
+    return (embeddings @ pool.reshape(dim, rows * out)).view(-1, rows, out)
+
+
+def _apply(xg, weights, axis):
+    """``xg (B, [T,] N, I)`` times per-node (S) or per-sample (T) weights ``(N or B, I, O)``."""
+    if axis == "S":
+        return torch.einsum("...ni,nio->...no", xg, weights)
+    if xg.dim() == 4:  # (B, T, N, I): one weight per sample for all its steps and nodes
+        batch, steps, nodes, rows = xg.shape
+        return torch.bmm(xg.reshape(batch, steps * nodes, rows), weights).view(batch, steps, nodes, -1)
+    return torch.bmm(xg, weights)
+
+
+def _bias(embeddings, bias_pool, axis):
+    bias = embeddings @ bias_pool  # (N, O) for S, (B, O) for T
+    return bias if axis == "S" else bias[:, None, None, :]
+
+
+class HimEncoder(reference.HimEncoder):
+    cell_class = HimGCRU
+
+    def forward(self, x, support, embeddings):
+        current_input = x
+        output_hidden = []
+        for cell in self.cells:
+            current_input = cell.run_sequence(current_input, support, embeddings)
+            output_hidden.append(current_input[:, -1])
+        return current_input, output_hidden
+
+
+class HimDecoder(reference.HimDecoder):
+    cell_class = HimGCRU
+
+
+class HimNet(reference.HimNet):
+    """Drop-in fused HimNet; see the module docstring."""
+
+    encoder_class = HimEncoder
+    decoder_class = HimDecoder

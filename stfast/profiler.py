@@ -19,7 +19,8 @@ Memory is reported in MiB (2**20 bytes, what ``nvidia-smi`` calls MB):
   fallbacks ``"nvml_device"`` and ``"cuda_mem_get_info"`` are device-wide and include other
   processes on the same GPU.
 - CPU: ``rss_growth`` is the peak resident set size during the timed steps minus the resident set
-  size before them. On Linux the kernel's high-water mark is reset through ``/proc/self/clear_refs``
+  size before them, after returning freed heap pages to the OS (glibc ``malloc_trim``) so that
+  pages left resident by the warm-up or by an earlier model do not hide the step's working set. On Linux the kernel's high-water mark is reset through ``/proc/self/clear_refs``
   (``rss_source: "vmhwm"``); where that file is not writable a thread samples ``/proc/self/statm``
   every millisecond (``"statm_sampler"``, may miss peaks shorter than that). Elsewhere
   ``resource.getrusage`` gives a lifetime peak that cannot be reset (``"getrusage"``), so the growth
@@ -29,6 +30,8 @@ Memory is reported in MiB (2**20 bytes, what ``nvidia-smi`` calls MB):
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import gc
 import json
 import os
 import platform
@@ -340,6 +343,7 @@ class _PeakRss:
         self.source = ""
 
     def __enter__(self):
+        _release_free_heap()
         if sys.platform.startswith("linux") and _reset_peak_rss():
             self.source = "vmhwm"
             self._before = _read_status_kib("VmRSS")["VmRSS"] * 1024
@@ -377,6 +381,17 @@ class _PeakRss:
         self._stop.set()
         self._thread.join()
         return max(self._peak, _statm_rss_bytes())
+
+
+def _release_free_heap() -> None:
+    """Return freed heap pages to the OS (glibc ``malloc_trim``) so that the baseline RSS is live
+    memory only: otherwise the steps reuse pages an earlier run left resident (a previous model,
+    the warm-up) and their working set does not show as growth."""
+    gc.collect()
+    if not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _statm_rss_bytes() -> int:

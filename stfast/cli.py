@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from . import configs, models, seed_everything
+from .check import add_check_parser
 
 # Errors that describe bad input; anything else is a bug and keeps its traceback.
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError, ImportError)
@@ -58,11 +59,12 @@ def cmd_train(args) -> int:
     data = _load_data(args.dataset, source)
     seed_everything(args.seed)
     context = models.build_context(args.model, args.dataset, data=data)
-    forecaster = models.create(args.model, args.dataset, backend=args.backend, context=context)
+    forecaster = _maybe_wrap(models.create(args.model, args.dataset, backend=args.backend, context=context), args)
     training = forecaster.config["training"]
     if args.batch_size is not None:
         training["batch_size"] = _positive("--batch-size", args.batch_size)
-    out_dir = Path(args.out) if args.out else Path("runs") / f"{forecaster.spec.name}-{data.name}"
+    run_name = forecaster.spec.name + ("+stlora" if args.stlora else "")
+    out_dir = Path(args.out) if args.out else Path("runs") / f"{run_name}-{data.name}"
     trainer = Trainer(forecaster, data, training, device=device, out_dir=out_dir, seed=args.seed,
                       data_source=source, progress=not args.no_progress, verbose=True)
     if args.resume:
@@ -99,6 +101,10 @@ def cmd_eval(args) -> int:
     backend = args.backend or checkpoint["backend"]
     forecaster = models.create(checkpoint["model_name"], checkpoint["dataset"], backend=backend, context=context,
                                **checkpoint["model_args"])
+    if checkpoint.get("stlora") is not None:
+        from .nn.stlora import wrap_forecaster
+
+        forecaster = wrap_forecaster(forecaster, **checkpoint["stlora"])
     forecaster.model.load_state_dict(checkpoint["model"], strict=True)
     training = dict(checkpoint["training"])
     if args.batch_size is not None:
@@ -117,17 +123,41 @@ def cmd_profile(args) -> int:
 
     device = resolve_device(args.device)
     context = models.build_context(args.model, args.dataset, graph=args.graph, synthetic_seed=args.seed)
-    forecaster = models.create(args.model, args.dataset, backend=args.backend, context=context)
+    forecaster = _maybe_wrap(models.create(args.model, args.dataset, backend=args.backend, context=context), args)
     batch_size = _positive("--batch-size", args.batch_size)
     batch, scaler = synthetic_batch(args.dataset, batch_size, seed=args.seed, device=device, return_scaler=True)
     report = profile(forecaster, batch, scaler=scaler, warmup=args.warmup, repeats=args.repeats, device=device)
     print(f"{forecaster.spec.name} ({forecaster.backend}) on {configs.canonical_dataset(args.dataset)}-shaped synthetic "
           f"data, batch {batch_size}:")
     print(report.format())
+    if args.stlora:
+        from .nn.stlora import parameter_overhead
+
+        overhead = parameter_overhead(forecaster)
+        print(f"stlora          +{overhead['added']:,} parameters ({overhead['percent']:.2f}% of the backbone's "
+              f"{overhead['backbone']:,})")
     if args.json:
         report.to_json(args.json)
         print(f"wrote {args.json}")
     return 0
+
+
+def _maybe_wrap(forecaster, args):
+    """Wrap the forecaster with ST-LoRA when ``--stlora`` was given (options from the --stlora-* flags)."""
+    if not args.stlora:
+        return forecaster
+    from .nn.stlora import wrap_forecaster
+
+    options = {"rank": _positive("--stlora-rank", args.stlora_rank),
+               "num_layers": _positive("--stlora-layers", args.stlora_layers)}
+    return wrap_forecaster(forecaster, freeze_backbone=args.freeze_backbone, **options)
+
+
+def _add_stlora_flags(parser) -> None:
+    parser.add_argument("--stlora", action="store_true", help="wrap the model with ST-LoRA node-specific predictors")
+    parser.add_argument("--stlora-rank", type=int, default=16, help="rank of the per-node adapters (paper: 16)")
+    parser.add_argument("--stlora-layers", type=int, default=4, help="NALL layers per predictor (paper: 4)")
+    parser.add_argument("--freeze-backbone", action="store_true", help="with --stlora: train only the adapters")
 
 
 def _positive(flag: str, value: int) -> int:
@@ -169,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", help="output folder (default: runs/<model>-<dataset>)")
     train.add_argument("--resume", action="store_true", help="continue from <out>/last.pt")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_stlora_flags(train)
     train.set_defaults(func=cmd_train)
 
     evaluate = sub.add_parser("eval", help="evaluate a checkpoint: MAE/RMSE/MAPE at horizons 3, 6, 12")
@@ -194,7 +225,10 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--graph", type=Path, help="road graph for models that use one (default: the synthetic "
                                                  "data's graph)")
     prof.add_argument("--json", help="write the report to this JSON file")
+    _add_stlora_flags(prof)
     prof.set_defaults(func=cmd_profile)
+
+    add_check_parser(sub)
     return parser
 
 

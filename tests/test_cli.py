@@ -86,3 +86,23 @@ def test_bad_arguments_exit_2_with_a_clear_message(args, message, tmp_path):
     assert result.returncode == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_stlora_wraps_any_model_for_training_evaluation_and_profiling(tmp_path):
+    out = tmp_path / "run"
+    common = ["--model", "stid", "--dataset", "METR-LA", "--device", "cpu", "--stlora", "--stlora-rank", "2",
+              "--stlora-layers", "1"]
+    train = stfast("train", *common, "--synthetic", "--num-steps", "40", "--batch-size", "4", "--epochs", "1",
+                   "--out", str(out), "--no-progress")
+    assert train.returncode == 0, train.stderr
+    evaluated = stfast("eval", "--checkpoint", str(out / "best.pt"), "--device", "cpu")
+    assert evaluated.returncode == 0, evaluated.stderr  # the checkpoint rebuilds the wrapper
+    profiled = stfast("profile", *common, "--batch-size", "2", "--warmup", "0", "--repeats", "1")
+    assert profiled.returncode == 0, profiled.stderr
+    assert re.search(r"stlora\s+\+[\d,]+ parameters \([\d.]+% of the backbone's 117,868\)", profiled.stdout)
+
+
+def test_check_command_is_wired(tmp_path):
+    result = stfast("check", "--quick", "--device", "cpu", "--json", str(tmp_path / "check.json"), "--no-progress")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert json.loads((tmp_path / "check.json").read_text())

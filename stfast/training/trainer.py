@@ -112,7 +112,7 @@ class Trainer:
             "backend": self.forecaster.backend, "dataset": self.data.name,
             "model_args": self.forecaster.config["model"], "training": self.training,
             "scaler": {"mean": self.data.scaler.mean, "std": self.data.scaler.std}, "seed": self.seed,
-            "data_source": self.data_source,
+            "data_source": self.data_source, "stlora": self.forecaster.config.get("stlora"),
         }
 
     def save_last(self) -> None:
@@ -135,8 +135,8 @@ class Trainer:
             return False
         checkpoint = load_checkpoint(path)
         mine = self._metadata()
-        for key in ("model_name", "dataset", "model_args"):
-            if checkpoint[key] != mine[key]:
+        for key in ("model_name", "dataset", "model_args", "stlora"):
+            if checkpoint.get(key) != mine[key]:
                 raise ValueError(f"resume: {path} was written for {key}={checkpoint[key]!r}, this run has {mine[key]!r}")
         self.forecaster.model.load_state_dict(checkpoint["model"], strict=True)
         self.optimizer.load_state_dict(checkpoint["optimizer"])

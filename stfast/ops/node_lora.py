@@ -1,0 +1,193 @@
+"""Node-adaptive low-rank linear: ``node_lora``.
+
+``y[..., n, :] = x[..., n, :] W^T + b + scale * act(dropout(x[..., n, :]) A[n]) B[n]``: a shared
+base layer plus one low-rank adapter per graph node, the node index being the adapter index
+(DESIGN.md, "Node-adaptive low-rank linear"). Dropout acts on the low-rank path only.
+
+A ``torch.library`` custom op (``stfast::node_lora``) with a fake kernel and registered autograd
+whose backward is itself a custom op (``stfast::node_lora_backward``); the real kernels are looked
+up in the backend registry (:mod:`stfast.ops.backends`) at every call, and the backward runs on the
+backend the forward resolved.
+
+Dropout is counter-based: the mask is a function of ``(seed, offset)`` and the element's position,
+so the backward draws the same mask again instead of storing it. The ``torch`` and ``triton``
+backends draw different masks from the same seed (a ``torch.Generator`` vs in-kernel Philox), each
+reproducible on its own.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .._checks import check_same_device_dtype, check_tensor
+from . import _torch_lora, backends
+
+__all__ = ["node_lora", "check_node_lora_inputs", "ACTIVATIONS"]
+
+ACTIVATIONS = (None, "leaky_relu", "relu", "tanh", "sigmoid")
+_SEED_BOUND = 1 << 62
+
+
+# ---------------------------------------------------------------- validation
+
+def _check_options(scale, activation, dropout_p, seed, offset) -> None:
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale: expected a float, got {scale!r}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation: expected one of None, 'leaky_relu', 'relu', 'tanh', 'sigmoid', got {activation!r}")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p: expected a float in [0, 1), got {dropout_p!r}")
+    for name, value in (("seed", seed), ("offset", offset)):
+        if isinstance(value, torch.SymInt):  # a seed / offset that torch.compile made dynamic
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < _SEED_BOUND:
+            raise ValueError(f"{name}: expected an int in [0, 2**62), got {value!r}")
+
+
+def check_node_lora_inputs(x, weight, bias, lora_a, lora_b, scale, activation, dropout_p, seed=0, offset=0) -> None:
+    """Raise a ``TypeError``/``ValueError`` naming the argument, what was expected and what came."""
+    _check_options(scale, activation, dropout_p, seed, offset)
+    check_tensor("x", x, floating=True)
+    if x.dim() < 2:
+        raise ValueError(f"x: expected shape (..., N, d_in) with the node axis at -2, got {tuple(x.shape)}")
+    nodes, d_in = x.shape[-2:]
+    check_tensor("weight", weight, ("d_out", d_in))
+    d_out = weight.shape[0]
+    if bias is not None:
+        check_tensor("bias", bias, (d_out,))
+    check_tensor("lora_a", lora_a)
+    if lora_a.dim() != 3:
+        raise ValueError(f"lora_a: expected shape (N, d_in, r) = ({nodes}, {d_in}, r), got {tuple(lora_a.shape)}")
+    if lora_a.shape[0] != nodes:
+        raise ValueError(
+            f"lora_a: expected one adapter per node, N = {nodes} (the size of x's node axis -2), "
+            f"got {lora_a.shape[0]} (lora_a of shape {tuple(lora_a.shape)}, x of shape {tuple(x.shape)})"
+        )
+    if lora_a.shape[1] != d_in:
+        raise ValueError(f"lora_a: expected shape (N, d_in, r) = ({nodes}, {d_in}, r), got {tuple(lora_a.shape)}")
+    rank = lora_a.shape[2]
+    if rank < 1:
+        raise ValueError(f"lora_a: expected a rank r >= 1, got shape {tuple(lora_a.shape)}")
+    check_tensor("lora_b", lora_b)
+    if tuple(lora_b.shape) != (nodes, rank, d_out):
+        detail = f" (rank {lora_b.shape[1]} != lora_a's rank {rank})" if lora_b.dim() == 3 and lora_b.shape[1] != rank else ""
+        raise ValueError(
+            f"lora_b: expected shape (N, r, d_out) = ({nodes}, {rank}, {d_out}) (N from x, r from lora_a, "
+            f"d_out from weight), got {tuple(lora_b.shape)}{detail}"
+        )
+    check_same_device_dtype("x", x, weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b)
+
+
+def _empty_unless(grad, needed: bool, like: Tensor) -> Tensor:
+    # Custom ops return Tensors, not None: an unneeded gradient is an empty tensor.
+    return grad if needed and grad is not None else like.new_empty(0)
+
+
+# ---------------------------------------------------------------- node_lora op
+
+@torch.library.custom_op("stfast::node_lora", mutates_args=())
+def _node_lora_op(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    lora_a: Tensor,
+    lora_b: Tensor,
+    scale: float,
+    activation: Optional[str],
+    dropout_p: float,
+    seed: int,
+    offset: int,
+    backend: str,
+) -> Tensor:
+    check_node_lora_inputs(x, weight, bias, lora_a, lora_b, scale, activation, dropout_p, seed, offset)
+    impl = backends.implementation(backend, "node_lora", x.device)
+    return impl(x, weight, bias, lora_a, lora_b, scale, activation, dropout_p, seed, offset)
+
+
+@_node_lora_op.register_fake
+def _(x, weight, bias, lora_a, lora_b, scale, activation, dropout_p, seed, offset, backend):
+    check_node_lora_inputs(x, weight, bias, lora_a, lora_b, scale, activation, dropout_p, seed, offset)
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+@torch.library.custom_op("stfast::node_lora_backward", mutates_args=())
+def _node_lora_backward_op(
+    grad: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    lora_a: Tensor,
+    lora_b: Tensor,
+    scale: float,
+    activation: Optional[str],
+    dropout_p: float,
+    seed: int,
+    offset: int,
+    backend: str,
+    needs: list[bool],
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    impl = backends.implementation(backend, "node_lora_backward", x.device)
+    grads = impl(grad, x, weight, bias, lora_a, lora_b, scale, activation, dropout_p, seed, offset, needs)
+    return tuple(_empty_unless(g, need, x) for g, need in zip(grads, needs))
+
+
+@_node_lora_backward_op.register_fake
+def _(grad, x, weight, bias, lora_a, lora_b, scale, activation, dropout_p, seed, offset, backend, needs):
+    inputs = (x, weight, bias, lora_a, lora_b)
+    return tuple(
+        t.new_empty(t.shape) if need and t is not None else x.new_empty(0) for t, need in zip(inputs, needs)
+    )
+
+
+def _node_lora_setup_context(ctx, inputs, output):
+    x, weight, bias, lora_a, lora_b, scale, activation, dropout_p, seed, offset, backend = inputs
+    ctx.save_for_backward(x, weight, bias, lora_a, lora_b)  # h and the dropout mask are recomputed
+    ctx.options = (scale, activation, dropout_p, seed, offset, backend)  # backward: the forward's backend
+
+
+def _node_lora_backward(ctx, grad):
+    x, weight, bias, lora_a, lora_b = ctx.saved_tensors
+    needs = [bool(n) for n in ctx.needs_input_grad[:5]]
+    grads = _node_lora_backward_op(grad.contiguous(), x, weight, bias, lora_a, lora_b, *ctx.options, needs)
+    return tuple(g if need else None for g, need in zip(grads, needs)) + (None,) * 6
+
+
+_node_lora_op.register_autograd(_node_lora_backward, setup_context=_node_lora_setup_context)
+
+
+def node_lora(x, weight, bias, lora_a, lora_b, scale, activation="leaky_relu", dropout_p=0.0, training=False,
+              seed=None, offset=0):
+    """Shared linear layer plus a per-node low-rank adapter, never building per-node weights.
+
+    ``x (..., N, d_in)`` (node axis at -2, any number of leading batch axes), ``weight (d_out, d_in)``,
+    ``bias (d_out,)`` or ``None``, ``lora_a (N, d_in, r)``, ``lora_b (N, r, d_out)``; returns
+    ``(..., N, d_out)``::
+
+        y[..., n, :] = x[..., n, :] @ weight.T + bias + scale * act(dropout(x[..., n, :]) @ lora_a[n]) @ lora_b[n]
+
+    ``activation``: ``"leaky_relu"`` (slope 0.01), ``"relu"``, ``"tanh"``, ``"sigmoid"`` or ``None``.
+    Dropout (probability ``dropout_p``, only when ``training``) acts on the low-rank path; its mask
+    is a function of ``(seed, offset)`` (same seed and offset, same mask, on one backend) and is
+    drawn again in the backward rather than stored. ``seed=None`` draws a seed from torch's global
+    generator (so ``torch.manual_seed`` makes runs reproducible; under ``torch.compile`` that draw
+    is a graph break: pass an explicit seed to avoid it).
+    """
+    effective_p = float(dropout_p) if training else 0.0
+    if seed is None:
+        seed = int(torch.randint(0, _SEED_BOUND, (1,)).item()) if effective_p > 0.0 else 0
+    check_node_lora_inputs(x, weight, bias, lora_a, lora_b, scale, activation, dropout_p, seed, offset)
+    backend = backends.resolve_backend("node_lora", x.device)
+    return _node_lora_op(x, weight, bias, lora_a, lora_b, float(scale), activation, effective_p, seed, offset,
+                         backend)
+
+
+backends.register_impl("torch", "node_lora", _torch_lora.node_lora_forward)
+backends.register_impl("torch", "node_lora_backward", _torch_lora.node_lora_backward)
+
+try:  # registers the triton backend; the module imports triton lazily, so this never needs it
+    from . import _triton_lora  # noqa: F401,E402
+except ImportError:  # pragma: no cover
+    pass

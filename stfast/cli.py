@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from . import configs, models, seed_everything
+from .benchmarks.efficiency import add_bench_parser
 from .check import add_check_parser
 
 # Errors that describe bad input; anything else is a bug and keeps its traceback.
@@ -229,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     prof.set_defaults(func=cmd_profile)
 
     add_check_parser(sub)
+    add_bench_parser(sub)
     return parser
 
 

@@ -226,14 +226,17 @@ def test_available_backends_lists_every_backend(clean_backend):
     status = ops.available_backends("cpu")
     assert set(status) == {"torch", "triton", "cuda", "cpu"}
     assert status["torch"] is True
-    for name in ("triton", "cuda", "cpu"):
+    for name in ("triton", "cuda"):
         assert isinstance(status[name], str) and status[name]
-    assert "CUDA device" in status["cuda"] and "not built yet" in status["cpu"]
+    assert "CUDA device" in status["cuda"]
+    # cpu: the C++ extension when it built here, else the reason it did not
+    assert status["cpu"] is True or "extension" in status["cpu"]
 
 
 def test_set_and_use_backend(clean_backend):
     assert ops.current_backend() == "auto"
-    assert ops.resolve_backend("meta_gconv", "cpu") == "torch"
+    expected_auto = "cpu" if ops.available_backends("cpu", "meta_gconv")["cpu"] is True else "torch"
+    assert ops.resolve_backend("meta_gconv", "cpu") == expected_auto
     ops.set_backend("torch")
     assert ops.current_backend() == "torch"
     with ops.use_backend("triton"):
@@ -254,7 +257,7 @@ def test_env_var_applies_without_explicit_choice(clean_backend, monkeypatch):
         ops.current_backend()
 
 
-@pytest.mark.parametrize("forced", ["triton", "cuda", "cpu"])
+@pytest.mark.parametrize("forced", ["triton", "cuda"])
 def test_forcing_an_unavailable_backend_explains_every_backend(clean_backend, forced):
     x, supports, e, pool, bias_pool = make_inputs("S", "shared", 2, 3, 7)
     with ops.use_backend(forced), pytest.raises(RuntimeError) as info:

@@ -20,7 +20,7 @@ from .spec import ModelSpec
 SPEC = ModelSpec("agcrn", x_channels=(0, 1))
 # "reference": the published formulation (per-node weights built in every convolution); any other
 # name runs the convolutions on stfast.ops.meta_gconv with that op backend.
-BACKENDS = ("auto", "reference", "torch", "triton")
+BACKENDS = ("auto", "reference", "torch", "triton", "cpu", "cuda")
 DEFAULT_BACKEND = "auto"
 
 _ACTIVATIONS = {None: lambda y: y, "sigmoid": torch.sigmoid, "tanh": torch.tanh}

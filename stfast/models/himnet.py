@@ -7,7 +7,7 @@ from .spec import ModelSpec
 
 SPEC = ModelSpec("himnet", x_channels=(0, 1, 2), takes_y_cov=True, teacher_forcing=True)
 # "reference" is the faithful port; every other name is an op backend for the fused stfast.nn.HimNet.
-BACKENDS = ("auto", "reference", "torch", "triton")
+BACKENDS = ("auto", "reference", "torch", "triton", "cpu", "cuda")
 DEFAULT_BACKEND = "auto"
 
 

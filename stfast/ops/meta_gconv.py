@@ -282,3 +282,8 @@ try:  # registers the triton backend; the module imports triton lazily, so this 
     from . import _triton_gconv  # noqa: F401,E402
 except ImportError:  # pragma: no cover
     pass
+
+try:  # registers the cpu and cuda backends (csrc/ extension); loading is deferred to the first probe
+    from . import _ext  # noqa: F401,E402
+except ImportError:  # pragma: no cover
+    pass

@@ -1,0 +1,177 @@
+"""meta_gconv on the C++ extension's ``cpu`` backend vs ``torch`` vs the published reference.
+
+    python bench/ext_ops.py [--repeats 15] [--warmup 2] [--axes S T ST] [--threads N]
+                            [--backends reference torch cpu] [--formulation auto|outer|grouped]
+                            [--out FILE.md]
+
+Shape: HimNet's decoder gate convolution on METR-LA at batch 16 (B=16, N=207, C=67 input channels,
+K=2, D=16, O=128, per-sample supports (B, N, N)). Modes: ``forward`` (under ``torch.no_grad``,
+inference) and ``forward+backward`` (every input requires grad; ``out.sum().backward()``).
+
+The candidates are timed round-robin (one call of each per round, ``--repeats`` rounds) so that load
+from other processes on a shared machine hits them alike; the table gives the median and the
+[min, max] over rounds, in milliseconds, and the speed-ups against ``torch`` and the reference.
+On a GPU machine (CUDA tensors) the candidates are ``reference torch triton cuda``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from stfast import ops
+from stfast.ops import _ext
+from stfast.reference.himnet import HimGCN
+
+SHAPE = {"B": 16, "N": 207, "C": 67, "K": 2, "D": 16, "O": 128}  # METR-LA decoder gate, batch 16
+AXES = ("S", "T", "ST")
+MODES = ("forward", "forward+backward")
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{model} (CPU), {torch.get_num_threads()} threads"
+
+
+def make_inputs(axis: str, device: torch.device):
+    b, n, c, k, d, o = (SHAPE[key] for key in "BNCKDO")
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(b, n, c, generator=gen)
+    supports = torch.softmax(torch.randn(b, n, n, generator=gen), -1)
+    embeddings = torch.randn({"S": (n, d), "T": (b, d), "ST": (b, n, d)}[axis], generator=gen)
+    gcn = HimGCN(c, o, k, d, meta_axis=axis).to(device)
+    return gcn, [t.to(device) for t in (x, supports, embeddings)]
+
+
+def candidate(name: str, gcn: HimGCN):
+    if name == "reference":
+        return lambda x, supports, e: gcn(x, supports, e)
+
+    def run(x, supports, e):
+        with ops.use_backend(name):
+            return ops.meta_gconv(x, supports, e, gcn.weights_pool, gcn.bias_pool, gcn.cheb_k, axis=gcn.meta_axis)
+
+    return run
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def step_fn(fn, inputs, mode, device, gcn):
+    if mode == "forward":
+        def step():
+            with torch.no_grad():
+                fn(*inputs)
+            sync(device)
+    else:
+        leaves = [t.detach().requires_grad_() for t in inputs]
+
+        def step():
+            for p in gcn.parameters():
+                p.grad = None
+            fn(*leaves).sum().backward()
+            sync(device)
+    return step
+
+
+def measure(axes, names, device, repeats, warmup):
+    rows = []
+    for axis in axes:
+        gcn, inputs = make_inputs(axis, device)
+        for mode in MODES:
+            steps = {name: step_fn(candidate(name, gcn), inputs, mode, device, gcn) for name in names}
+            for _ in range(warmup):
+                for step in steps.values():
+                    step()
+            times = {name: [] for name in names}
+            for _ in range(repeats):  # round-robin: shared-machine load hits every candidate alike
+                for name, step in steps.items():
+                    start = time.perf_counter()
+                    step()
+                    times[name].append((time.perf_counter() - start) * 1e3)
+            rows.append({"axis": axis, "mode": mode, "times": times})
+            print(f"{axis} {mode}: " + ", ".join(f"{n} {statistics.median(t):.1f} ms" for n, t in times.items()),
+                  file=sys.stderr)
+    return rows
+
+
+def markdown(rows, names, device, repeats, skipped) -> str:
+    s = SHAPE
+    title = (f"meta_gconv, METR-LA decoder shape (B={s['B']}, N={s['N']}, C={s['C']}, K={s['K']}, D={s['D']}, "
+             f"O={s['O']}, per-sample supports), device: {device_name(device)}, torch {torch.__version__}, "
+             f"median [min, max] of {repeats} round-robin rounds, ms")
+    lines = [
+        title,
+        "",
+        ("| axis | mode | " + " | ".join(names) + " | "
+         + " | ".join(f"{n} vs torch" for n in names if n not in ("reference", "torch")) + " | best vs reference |"),
+        "|---|---|" + "---|" * (len(names) + len([n for n in names if n not in ("reference", "torch")]) + 1),
+    ]
+    for row in rows:
+        med = {n: statistics.median(t) for n, t in row["times"].items()}
+        cells = [f"{med[n]:.1f} [{min(t):.1f}, {max(t):.1f}]" for n, t in row["times"].items()]
+        ratios = [f"{med['torch'] / med[n]:.2f}x" if "torch" in med else "n/a"
+                  for n in names if n not in ("reference", "torch")]
+        fast = min((v, n) for n, v in med.items() if n != "reference")
+        best = f"{med['reference'] / fast[0]:.1f}x ({fast[1]})" if "reference" in med else "n/a"
+        lines.append(f"| {row['axis']} | {row['mode']} | " + " | ".join(cells + ratios) + f" | {best} |")
+    for name, why in skipped.items():
+        lines.append(f"\n{name}: not run ({why})")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--backends", nargs="+", default=None)
+    parser.add_argument("--axes", nargs="+", default=list(AXES), choices=AXES)
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--formulation", default=None, choices=("auto", "outer", "grouped"),
+                        help="CPU kernels' meta GEMM formulation (default: the backend's own choice)")
+    parser.add_argument("--out", type=Path, default=None, help="also write the table to this file")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.formulation:
+        _ext.FORMULATION = args.formulation
+    device = torch.device(args.device)
+    requested = args.backends or (["reference", "torch", "cpu"] if device.type == "cpu"
+                                  else ["reference", "torch", "triton", "cuda"])
+    status = ops.available_backends(device, "meta_gconv")
+    names, skipped = [], {}
+    for name in requested:
+        if name == "reference" or status.get(name) is True:
+            names.append(name)
+        else:
+            skipped[name] = status.get(name, "unknown backend")
+    rows = measure(args.axes, names, device, args.repeats, args.warmup)
+    table = markdown(rows, names, device, args.repeats, skipped)
+    print(table)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -131,11 +131,11 @@ def test_default_rows_pair_himnet_with_its_runnable_backends():
 
     cpu = torch.device("cpu")
     plan, notes = efficiency.plan_rows(["stid", "himnet_theta", "himnet"], None, cpu, quick=False)
-    fastest = efficiency._auto_backend(cpu)  # torch, or the C++ kernels once they are built
+    fastest = efficiency._auto_backend(cpu)  # torch, or the C++ kernels (cpu) once they are built
     expected = [("stid", "reference"), ("himnet_theta", "analytic"), ("himnet", "reference"), ("himnet", "torch")]
-    assert plan == expected + ([("himnet", "auto")] if fastest not in ("torch", "triton") else [])
+    assert plan == expected + ([("himnet", "cpu")] if fastest == "cpu" else [])
     quick, _ = efficiency.plan_rows(["himnet"], None, cpu, quick=True)
-    assert quick == [("himnet", "reference"), ("himnet", "torch" if fastest == "torch" else "auto")]
+    assert quick == [("himnet", "reference"), ("himnet", fastest)]
     chosen, notes = efficiency.plan_rows(["stid", "himnet"], ["reference", "triton"], cpu, quick=False)
     assert chosen == [("stid", "reference"), ("himnet", "reference")]
     assert any("'triton' skipped on cpu" in note for note in notes)

@@ -16,7 +16,7 @@ def setup_commands():
 
 def test_readme_gives_exactly_two_setup_commands_main_job_then_tests():
     main_job, tests = setup_commands()
-    assert "stfast profile --model himnet --dataset METR-LA --batch-size 16" in main_job
+    assert main_job.endswith("stfast bench efficiency --quick")
     assert tests.endswith("python -m pytest -q")
 
 

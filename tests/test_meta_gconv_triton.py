@@ -2,13 +2,7 @@
 backend, opcheck, the backend probe, importing without Triton, and (GPU machines only) fp32 /
 TF32 / bf16 / fp16 at the METR-LA decoder shape.
 
-On a machine without a GPU the kernels run in the Triton interpreter. Triton decides at
-decoration time, i.e. when ``stfast.kernels.meta_gconv`` is first imported, so this module sets
-``TRITON_INTERPRET=1`` before importing anything from stfast. If the kernel module was already
-imported without the interpreter in this process, the interpreter tests are run again in a
-child pytest process (``test_interpreter_tests_in_a_subprocess``) instead of being lost.
-The variable is removed again after the import (other test modules expect the usual
-environment, e.g. triton reported unavailable on CPU) and set per test by a fixture here.
+On a machine without a GPU the kernels run in the Triton interpreter (see ``_triton_interpreter``).
 """
 
 import os
@@ -16,35 +10,19 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
+from _triton_interpreter import CHILD_ENV as _CHILD
+from _triton_interpreter import DEVICE, ON_GPU, import_kernels, is_interpreted, kernels_run_here, skip_unless_kernels_run
 
-ON_GPU = torch.cuda.is_available()
-_SET_HERE = not ON_GPU and "TRITON_INTERPRET" not in os.environ
-if not ON_GPU:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+kernels = import_kernels("meta_gconv")  # before anything else imports it: see _triton_interpreter
 
-import pytest  # noqa: E402
-
-try:
-    triton = pytest.importorskip("triton")
-    import stfast.ops as ops  # noqa: E402
-    from stfast.kernels import meta_gconv as kernels  # noqa: E402  (decorated now, see above)
-    from stfast.kernels._utils import is_interpreted  # noqa: E402
-    from stfast.ops import backends  # noqa: E402
-finally:
-    if _SET_HERE:
-        os.environ.pop("TRITON_INTERPRET", None)
+import stfast.ops as ops  # noqa: E402
+from stfast.ops import backends  # noqa: E402
 
 INTERPRETED = is_interpreted(kernels.meta_gconv_fwd)
-DEVICE = "cuda" if ON_GPU else "cpu"
-# GPU: compiled kernels on CUDA tensors; CPU: interpreted kernels on CPU tensors.
-RUNS_HERE = (ON_GPU and not INTERPRETED) or (not ON_GPU and INTERPRETED)
-_CHILD = "STFAST_TRITON_TEST_CHILD"
-needs_kernels = pytest.mark.skipif(
-    not RUNS_HERE,
-    reason="stfast.kernels.meta_gconv was imported without TRITON_INTERPRET=1 before this module; "
-    "test_interpreter_tests_in_a_subprocess runs these tests in a fresh process",
-)
+RUNS_HERE = kernels_run_here(kernels.meta_gconv_fwd)
+needs_kernels = skip_unless_kernels_run(kernels.meta_gconv_fwd, "meta_gconv")
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,54 @@
+"""Importing a Triton kernel module the way its tests need it.
+
+Triton decides at decoration time, i.e. when a kernel module is first imported, whether its kernels
+run in the interpreter. On a machine without a GPU, :func:`import_kernels` sets
+``TRITON_INTERPRET=1`` around that import and removes it again (other test modules expect the usual
+environment, e.g. triton reported unavailable on CPU); the test modules set it per test with a
+fixture. If the module was already imported without the interpreter in this process, its tests
+cannot run here (:func:`kernels_run_here` is False): each test module then re-runs its tests in a
+child pytest process marked by ``CHILD_ENV`` instead of losing them.
+"""
+
+import importlib
+import os
+
+import pytest
+import torch
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
+CHILD_ENV = "STFAST_TRITON_TEST_CHILD"
+
+
+def import_kernels(name: str):
+    """``stfast.kernels.<name>``, decorated under the interpreter when there is no GPU."""
+    set_here = not ON_GPU and "TRITON_INTERPRET" not in os.environ
+    if not ON_GPU:  # before triton itself is imported: triton.language's own helpers are jitted then too
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    try:
+        pytest.importorskip("triton")
+        return importlib.import_module(f"stfast.kernels.{name}")
+    finally:
+        if set_here:
+            os.environ.pop("TRITON_INTERPRET", None)
+
+
+def is_interpreted(kernel) -> bool:
+    from stfast.kernels._utils import is_interpreted as interpreted
+
+    return interpreted(kernel)
+
+
+def kernels_run_here(kernel) -> bool:
+    """GPU: compiled kernels on CUDA tensors; CPU: interpreted kernels on CPU tensors."""
+    interpreted = is_interpreted(kernel)
+    return (ON_GPU and not interpreted) or (not ON_GPU and interpreted)
+
+
+def skip_unless_kernels_run(kernel, module: str):
+    """A skip marker for the tests that run ``kernel`` in this process."""
+    return pytest.mark.skipif(
+        not kernels_run_here(kernel),
+        reason=f"stfast.kernels.{module} was imported without TRITON_INTERPRET=1 before this module; "
+        "test_interpreter_tests_in_a_subprocess runs these tests in a fresh process",
+    )

@@ -60,7 +60,11 @@ def cmd_train(args) -> int:
     data = _load_data(args.dataset, source)
     seed_everything(args.seed)
     context = models.build_context(args.model, args.dataset, data=data)
-    forecaster = _maybe_wrap(models.create(args.model, args.dataset, backend=args.backend, context=context), args)
+    overrides = {}
+    if context.train_series is not None:  # GTS: its graph learner is sized by this data's training split
+        overrides["train_steps"] = len(context.train_series)
+    forecaster = _maybe_wrap(models.create(args.model, args.dataset, backend=args.backend, context=context,
+                                           **overrides), args)
     training = forecaster.config["training"]
     if args.batch_size is not None:
         training["batch_size"] = _positive("--batch-size", args.batch_size)

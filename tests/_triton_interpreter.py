@@ -11,6 +11,9 @@ child pytest process marked by ``CHILD_ENV`` instead of losing them.
 
 import importlib
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -52,3 +55,21 @@ def skip_unless_kernels_run(kernel, module: str):
         reason=f"stfast.kernels.{module} was imported without TRITON_INTERPRET=1 before this module; "
         "test_interpreter_tests_in_a_subprocess runs these tests in a fresh process",
     )
+
+
+def run_without_triton(code: str) -> None:
+    """Run ``code`` in a fresh interpreter where ``import triton`` fails; assert it succeeds."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = "import sys; sys.modules['triton'] = None\n" + code
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def rerun_under_interpreter(test_file: str) -> None:
+    """Run the test module ``test_file`` again in a child pytest with the interpreter on."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", CHILD_ENV: "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", str(Path(test_file).resolve()), "-q", "-p", "no:cacheprovider"],
+        cwd=Path(test_file).resolve().parents[1], env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]

@@ -6,14 +6,12 @@ On a machine without a GPU the kernels run in the Triton interpreter (see ``_tri
 """
 
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from _triton_interpreter import CHILD_ENV as _CHILD
-from _triton_interpreter import DEVICE, ON_GPU, import_kernels, is_interpreted, kernels_run_here, skip_unless_kernels_run
+from _triton_interpreter import (DEVICE, ON_GPU, import_kernels, is_interpreted, kernels_run_here,
+                                 rerun_under_interpreter, run_without_triton, skip_unless_kernels_run)
 
 kernels = import_kernels("meta_gconv")  # before anything else imports it: see _triton_interpreter
 
@@ -178,8 +176,7 @@ def test_probe_allows_cpu_only_under_the_interpreter(monkeypatch):
 def test_imports_without_triton():
     """``import stfast`` / ``stfast.ops`` / ``stfast.kernels`` work when triton cannot be imported,
     the triton backend then says why, and the torch backend still runs."""
-    code = (
-        "import sys; sys.modules['triton'] = None\n"
+    run_without_triton(
         "import torch, stfast, stfast.kernels, stfast.kernels._utils, stfast.ops as ops\n"
         "reason = ops.available_backends('cuda', 'meta_gconv')['triton']\n"
         "assert 'triton is not importable' in reason, reason\n"
@@ -187,20 +184,12 @@ def test_imports_without_triton():
         "assert ops.meta_gconv(x, None, e, p, None, 1).shape == (2, 3, 5)\n"
         "assert 'triton' not in [m.split('.')[0] for m in sys.modules if sys.modules[m] is not None]\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 @pytest.mark.skipif(RUNS_HERE or ON_GPU or bool(os.environ.get(_CHILD)),
                     reason="the interpreter tests run in this process")
 def test_interpreter_tests_in_a_subprocess():
-    env = {**os.environ, "TRITON_INTERPRET": "1", _CHILD: "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", str(Path(__file__).resolve()), "-q", "-p", "no:cacheprovider"],
-        cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
+    rerun_under_interpreter(__file__)
 
 
 # ---------------------------------------------------------------- GPU: real dtypes, real shape

@@ -73,7 +73,9 @@ def _extension():
         os.environ["TORCH_CUDA_ARCH_LIST"] = os.environ["STFAST_CUDA_ARCH"]
     defines = [f"-DSTFAST_SOURCES_HASH={_sources_hash(CSRC)}"] + (["-DSTFAST_WITH_CUDA"] if cuda else [])
     # -fopenmp: at::parallel_for is inline and runs in parallel only when compiled with OpenMP.
-    args = {"cxx": ["-O3", "-fopenmp", *defines], "nvcc": ["-O3", *defines]}  # torch adds -std and the archs
+    # -fno-trapping-math, -fno-math-errno (as torch builds itself; results unchanged): let loops with
+    # selects like leaky_relu vectorise. Same flags as stfast.ops._ext.CXX_FLAGS.
+    args = {"cxx": ["-O3", "-fopenmp", "-fno-trapping-math", "-fno-math-errno", *defines], "nvcc": ["-O3", *defines]}  # torch adds -std and the archs
     make = cpp_extension.CUDAExtension if cuda else cpp_extension.CppExtension
     extension = make(
         "stfast._C",

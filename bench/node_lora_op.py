@@ -1,10 +1,14 @@
 """``node_lora`` side by side: naive per-node loop vs einsum composition vs the ``torch`` backend
-vs the ``triton`` kernels, forward and forward+backward, time and achieved memory bandwidth.
+vs the kernels (``cpu`` C++, ``cuda`` C++, ``triton``), forward and forward+backward, time and
+achieved memory bandwidth.
 
     python bench/node_lora_op.py [--device cpu|cuda] [--shapes bench metr-la | --shape B N D_IN D_OUT R ...]
                                  [--dtype float32|bfloat16|float16] [--warmup 3] [--repeats 20]
-                                 [--methods loop einsum torch triton] [--stlora-step himnet] [--threads T]
-                                 [--out DIR]
+                                 [--methods loop einsum torch cpu cuda triton] [--stlora-step himnet]
+                                 [--threads T] [--out DIR]
+
+Methods run round-robin (each round times every method once). Backends that cannot run on the
+device are skipped with the reason.
 
 Shapes (issue 4): ``bench`` = B 64, N 883, d 64 / 128 / 256, r 16; ``metr-la`` = B 64, N 207,
 d 32 (ST-LoRA's NSP hidden width here) and 64, r 16. ``x`` is ``(B, N, d_in)``.
@@ -72,7 +76,8 @@ def op_with(backend):
     return run
 
 
-METHODS = {"loop": naive_loop, "einsum": einsum_composition, "torch": op_with("torch"), "triton": op_with("triton")}
+METHODS = {"loop": naive_loop, "einsum": einsum_composition, "torch": op_with("torch"), "cpu": op_with("cpu"),
+           "cuda": op_with("cuda"), "triton": op_with("triton")}
 
 
 # ---------------------------------------------------------------- measurement
@@ -102,16 +107,24 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def time_ms(fn, device, warmup, repeats) -> list[float]:
-    for _ in range(warmup):
-        fn()
+def _timed(fn, device) -> float:
+    start = time.perf_counter()
+    fn()
     _sync(device)
-    times = []
+    return (time.perf_counter() - start) * 1000
+
+
+def time_round_robin(calls: dict, device, warmup, repeats) -> dict[str, list[float]]:
+    """Milliseconds per call of each entry of ``calls``, interleaved: every round runs each call once,
+    so a slow phase of a shared machine hits every method alike."""
+    for fn in calls.values():
+        for _ in range(warmup):
+            fn()
+    _sync(device)
+    times = {name: [] for name in calls}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append((time.perf_counter() - start) * 1000)
+        for name, fn in calls.items():
+            times[name].append(_timed(fn, device))
     return times
 
 
@@ -119,27 +132,27 @@ def measure(shape, methods, device, dtype, warmup, repeats) -> list[dict]:
     inputs = make_inputs(shape, device, dtype)
     grad_out = torch.randn(shape[0], shape[1], shape[3], device=device, dtype=dtype)
     nbytes = ideal_bytes(shape, inputs[0].element_size())
-    rows = []
-    for name in methods:
-        fn = METHODS[name]
 
-        def forward(fn=fn):
+    def forward(fn):
+        def call():
             with torch.no_grad():
                 fn(*inputs)
+        return call
 
-        def forward_backward(fn=fn):
-            torch.autograd.grad(fn(*inputs), inputs, grad_out)
+    def forward_backward(fn):
+        return lambda: torch.autograd.grad(fn(*inputs), inputs, grad_out)
 
-        row = {"shape": list(shape), "method": name}
-        for mode, call in (("fwd", forward), ("fwd+bwd", forward_backward)):
-            times = time_ms(call, device, warmup, repeats)
-            median = statistics.median(times)
-            row[mode] = {"median_ms": median, "min_ms": min(times), "max_ms": max(times),
-                         "gbps": nbytes[mode] / median / 1e6}
-        rows.append(row)
-        print(f"{shape} {name}: fwd {row['fwd']['median_ms']:.3f} ms, fwd+bwd {row['fwd+bwd']['median_ms']:.3f} ms",
-              file=sys.stderr)
-    return rows
+    rows = {name: {"shape": list(shape), "method": name} for name in methods}
+    for mode, wrap in (("fwd", forward), ("fwd+bwd", forward_backward)):
+        times = time_round_robin({name: wrap(METHODS[name]) for name in methods}, device, warmup, repeats)
+        for name, samples in times.items():
+            median = statistics.median(samples)
+            rows[name][mode] = {"median_ms": median, "min_ms": min(samples), "max_ms": max(samples),
+                                "gbps": nbytes[mode] / median / 1e6}
+    for row in rows.values():
+        print(f"{shape} {row['method']}: fwd {row['fwd']['median_ms']:.3f} ms, "
+              f"fwd+bwd {row['fwd+bwd']['median_ms']:.3f} ms", file=sys.stderr)
+    return list(rows.values())
 
 
 def stlora_step(model, batch_size, device, warmup, repeats) -> list[dict]:
@@ -181,20 +194,22 @@ def peak_gbps(name: str, override):
 
 def markdown(rows, device, dtype, peak) -> str:
     lines = [f"node_lora, {dtype}, device: {device}" + (f" (peak {peak:,.0f} GB/s)" if peak else ""), ""]
-    header = "| shape (B, N, d_in, d_out, r) | method | fwd ms | fwd GB/s | fwd+bwd ms | fwd+bwd GB/s | speed-up vs loop (fwd / fwd+bwd) |"
-    lines += [header, "|---|---|---|---|---|---|---|"]
+    header = ("| shape (B, N, d_in, d_out, r) | method | fwd ms | fwd GB/s | fwd+bwd ms | fwd+bwd GB/s "
+              "| speed-up vs loop (fwd / fwd+bwd) | vs torch (fwd / fwd+bwd) |")
+    lines += [header, "|---|---|---|---|---|---|---|---|"]
     for row in rows:
-        base = next((r for r in rows if r["shape"] == row["shape"] and r["method"] == "loop"), None)
-
-        def speedup(mode, base=base, row=row):
-            return f"{base[mode]['median_ms'] / row[mode]['median_ms']:.1f}x" if base else "-"
+        def speedup(mode, base_method, row=row):
+            base = next((r for r in rows if r["shape"] == row["shape"] and r["method"] == base_method), None)
+            return f"{base[mode]['median_ms'] / row[mode]['median_ms']:.2f}x" if base else "-"
 
         def gbps(mode, row=row):
             value = row[mode]["gbps"]
             return f"{value:,.1f}" + (f" ({100 * value / peak:.0f}%)" if peak else "")
 
         lines.append(f"| {tuple(row['shape'])} | {row['method']} | {row['fwd']['median_ms']:.3f} | {gbps('fwd')} | "
-                     f"{row['fwd+bwd']['median_ms']:.3f} | {gbps('fwd+bwd')} | {speedup('fwd')} / {speedup('fwd+bwd')} |")
+                     f"{row['fwd+bwd']['median_ms']:.3f} | {gbps('fwd+bwd')} | "
+                     f"{speedup('fwd', 'loop')} / {speedup('fwd+bwd', 'loop')} | "
+                     f"{speedup('fwd', 'torch')} / {speedup('fwd+bwd', 'torch')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -239,7 +254,7 @@ def main(argv=None) -> int:
     status = ops.available_backends(device, "node_lora")
     methods = []
     for name in args.methods:
-        if name in ("torch", "triton") and status[name] is not True:
+        if name in ("torch", "cpu", "cuda", "triton") and status[name] is not True:
             print(f"skipping {name}: {status[name]}", file=sys.stderr)
         else:
             methods.append(name)

@@ -59,8 +59,6 @@ std::string dtype_name(at::ScalarType t) {
   }
 }
 
-namespace {
-
 bool supported_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
 }
@@ -71,6 +69,8 @@ void check_like_x(const char* op, const char* name, const at::Tensor& t, const a
   TORCH_CHECK_VALUE(t.device() == x.device(), op, ": ", name, ": expected device ", x.device(),
               " (the device of x), got ", t.device());
 }
+
+namespace {
 
 const char* axis_shape(Axis axis) {
   switch (axis) {

@@ -25,6 +25,12 @@ Formulation parse_formulation(const char* op, c10::string_view formulation);
 // "float32", "float64", "float16", "bfloat16" (torch's Python names), else c10's name.
 std::string dtype_name(at::ScalarType t);
 
+// float32, float64, float16 or bfloat16: the dtypes every stfast_ext op takes.
+bool supported_dtype(at::ScalarType t);
+
+// `name` has x's dtype and device, else TypeError / ValueError prefixed with `op`.
+void check_like_x(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x);
+
 // Sizes of one meta_gconv problem: M = B*N rows, I = K*C propagated channels.
 struct MetaShape {
   int64_t B, N, C, K, I, D, O;

@@ -318,10 +318,9 @@ def test_available_backends_explains_cpu_and_cuda():
     assert status["cpu"] is True or "extension" in status["cpu"]
     assert status["cpu"] == STATUS
     assert isinstance(status["cuda"], str) and "CUDA device" in status["cuda"]
-    if STATUS is True:
-        # No node_lora kernel in the extension yet: auto falls back to torch for it.
-        assert ops.available_backends("cpu", "node_lora")["cpu"] == "no node_lora kernel yet"
-        assert ops.resolve_backend("node_lora", "cpu") == "torch"
+    assert ops.available_backends("cpu", "node_lora")["cpu"] == STATUS
+    assert ops.available_backends("cpu", "gconv")["cpu"] == "no gconv kernel yet" + (
+        "" if STATUS is True else f"; {STATUS}")
 
 
 def test_auto_follows_the_measured_preference():

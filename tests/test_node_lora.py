@@ -1,6 +1,6 @@
-"""stfast.ops.node_lora (torch backend): values and every gradient against a naive per-node loop,
-gradcheck, dropout determinism and consistency, opcheck, torch.compile, backend selection and
-bad-input errors."""
+"""stfast.ops.node_lora on the CPU backends (``torch``, and ``cpu`` from the C++ extension): values
+and every gradient against a naive per-node loop, gradcheck, dropout determinism and consistency,
+opcheck, torch.compile, backend selection and bad-input errors. Every test runs once per backend."""
 
 import itertools
 
@@ -8,7 +8,9 @@ import pytest
 import torch
 
 import stfast.ops as ops
-from stfast.ops import _torch_lora, backends
+from stfast.ops import _ext, _torch_lora, backends
+
+EXT = _ext.load()
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -19,13 +21,26 @@ def _one_thread():
     torch.set_num_threads(previous)
 
 
-@pytest.fixture(autouse=True)
-def _clean_backend(monkeypatch):
+@pytest.fixture(autouse=True, params=["torch", "cpu"])
+def backend(request, monkeypatch):
+    """The backend every op call of the test runs on."""
+    if request.param == "cpu" and EXT is not True:
+        pytest.skip(f"cpu backend unavailable: {EXT}")
     monkeypatch.delenv(backends.ENV_VAR, raising=False)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    ops.set_backend(request.param)
+    yield request.param
     ops.set_backend(None)
-    yield
-    ops.set_backend(None)
+
+
+def drawn_mask(x_shape, dropout_p, seed, offset, dtype=torch.float64):
+    """The dropout multiplier the current backend draws for ``x`` of ``x_shape``: the torch backend
+    from a ``torch.Generator`` over ``(M, N, d_in)``, the C++ kernels with Triton's Philox."""
+    if ops.current_backend() == "cpu":
+        return _ext.node_lora_dropout_mask(torch.empty(x_shape, dtype=dtype), dropout_p, seed, offset)
+    rows_shape = (-1, *x_shape[-2:])
+    flat = torch.empty(x_shape).reshape(rows_shape).shape
+    return _torch_lora.dropout_mask(flat, dropout_p, seed, offset, "cpu", dtype).reshape(x_shape)
 
 
 # ---------------------------------------------------------------- naive oracle
@@ -76,11 +91,7 @@ def compare_to_naive(inputs, scale=0.7, activation="leaky_relu", requires=(True,
     grads = torch.autograd.grad(out, leaves, grad_out) if leaves else ()
     # The oracle runs in float64 on the same values, so the fp32 op is checked against exact math.
     inputs64 = [None if t is None else t.detach().double().requires_grad_(t.requires_grad) for t in inputs]
-    mask = None
-    if dropout_p > 0:
-        x = inputs[0]
-        rows_shape = x.reshape(-1, *x.shape[-2:]).shape  # the op draws the mask for (M, N, d_in)
-        mask = _torch_lora.dropout_mask(rows_shape, dropout_p, seed, offset, x.device, torch.float64).reshape(x.shape)
+    mask = drawn_mask(inputs[0].shape, dropout_p, seed, offset) if dropout_p > 0 else None
     expected = naive_node_lora(*inputs64, scale, activation, mask=mask)
     leaves64 = [t for t in inputs64 if t is not None and t.requires_grad]
     expected_grads = torch.autograd.grad(expected, leaves64, grad_out.double()) if leaves64 else ()
@@ -190,7 +201,7 @@ def test_dropout_seed_none_follows_torch_manual_seed():
 
 
 def test_dropout_mask_rate():
-    mask = _torch_lora.dropout_mask((64, 50, 20), 0.3, 1, 0, "cpu", torch.float32)
+    mask = drawn_mask((64, 50, 20), 0.3, 1, 0, torch.float32)
     kept = (mask > 0).float().mean().item()
     assert abs(kept - 0.7) < 0.01
     assert torch.allclose(mask[mask > 0], torch.tensor(1 / 0.7))
@@ -201,16 +212,16 @@ def test_dropout_mask_rate():
 @pytest.mark.parametrize("bias,activation,dropout_p,lead", [
     (True, "leaky_relu", 0.0, (2,)), (False, "tanh", 0.3, (2, 3)), (True, None, 0.5, ()),
 ])
-def test_opcheck(bias, activation, dropout_p, lead):
+def test_opcheck(backend, bias, activation, dropout_p, lead):
     x, weight, b, lora_a, lora_b = make_inputs(lead, 5, 7, 6, 3, bias=bias)
     torch.library.opcheck(torch.ops.stfast.node_lora.default,
-                          (x, weight, b, lora_a, lora_b, 0.5, activation, dropout_p, 7, 2, "torch"))
+                          (x, weight, b, lora_a, lora_b, 0.5, activation, dropout_p, 7, 2, backend))
 
 
-def test_opcheck_without_grads():
+def test_opcheck_without_grads(backend):
     x, weight, b, lora_a, lora_b = (t.detach() for t in make_inputs((2,), 5, 7, 6, 3))
     torch.library.opcheck(torch.ops.stfast.node_lora.default,
-                          (x, weight, b, lora_a, lora_b, 1.0, "relu", 0.0, 0, 0, "torch"))
+                          (x, weight, b, lora_a, lora_b, 1.0, "relu", 0.0, 0, 0, backend))
 
 
 class TinyAdapter(torch.nn.Module):
@@ -242,14 +253,17 @@ def test_torch_compile_fullgraph(training):
 
 def test_available_backends_for_node_lora():
     status = ops.available_backends("cpu", "node_lora")
-    assert status["torch"] is True
-    assert ops.resolve_backend("node_lora", "cpu") == "torch"
-    for name in ("triton", "cuda", "cpu"):
+    assert status["torch"] is True and status["cpu"] == EXT
+    with ops.use_backend("auto"):  # the C++ kernels when built: faster than torch (bench/node_lora_op.py)
+        assert ops.resolve_backend("node_lora", "cpu") == ("cpu" if EXT is True else "torch")
+    for name in ("triton", "cuda"):
         assert isinstance(status[name], str) and status[name]
 
 
 @pytest.mark.parametrize("forced", ["triton", "cuda", "cpu"])
 def test_forcing_an_unavailable_backend_explains_every_backend(forced):
+    if forced == "cpu" and EXT is True:
+        pytest.skip("the cpu backend is available here")
     inputs = make_inputs((2,), 5, 7, 6, 3)
     with ops.use_backend(forced), pytest.raises(RuntimeError) as info:
         ops.node_lora(*inputs, 1.0)

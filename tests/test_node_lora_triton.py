@@ -18,7 +18,9 @@ from _triton_interpreter import (DEVICE, ON_GPU, import_kernels, is_interpreted,
 kernels = import_kernels("node_lora")  # before anything else imports it: see _triton_interpreter
 
 import stfast.ops as ops  # noqa: E402
-from stfast.ops import backends  # noqa: E402
+from stfast.ops import _ext, backends  # noqa: E402
+
+_EXT = _ext.load()
 
 INTERPRETED = is_interpreted(kernels.node_lora_fwd)
 RUNS_HERE = kernels_run_here(kernels.node_lora_fwd)
@@ -202,6 +204,29 @@ def test_dropout_seed_offset_and_zero():
 
 
 @needs_kernels
+@pytest.mark.skipif(_EXT is not True, reason=f"stfast extension unavailable: {_EXT}")
+@pytest.mark.parametrize("seed,offset", [(0, 0), (5, 3), (2**40 + 7, 12345), (2**61, 2**33)])
+def test_dropout_mask_equals_the_cpu_extension_mask(seed, offset):
+    """The C++ kernels draw Triton's tl.rand (csrc/node_lora_math.h): the same keep-mask bit for bit,
+    64-bit seeds and offsets included, so the triton, cpu and cuda backends drop the same elements."""
+    x = torch.empty(3, 7, 19)
+    keep = kernels.dropout_keep_mask(21, 19, 0.3, seed, offset, DEVICE).cpu()
+    assert torch.equal(keep.view(3, 7, 19), (_ext.node_lora_dropout_mask(x, 0.3, seed, offset) > 0).float())
+
+
+@needs_kernels
+@pytest.mark.skipif(_EXT is not True or ON_GPU, reason="CPU tensors: the cpu backend under the interpreter")
+def test_dropout_results_equal_the_cpu_backend():
+    inputs = make_inputs((2, 3), 5, 7, 11, 3)
+    grad_out = _grad_out(inputs)
+    got = run("triton", inputs, "tanh", grad_out, dropout_p=0.4, seed=9, offset=4)
+    want = run("cpu", inputs, "tanh", grad_out, dropout_p=0.4, seed=9, offset=4)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+    for name, g, w in zip(NAMES, got[1], want[1]):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"d {n}: {m}")
+
+
+@needs_kernels
 def test_opcheck_with_triton_backend():
     """The full opcheck (schema, autograd registration, fake tensor, AOT dispatch), with dropout."""
     x, weight, bias, lora_a, lora_b = (t.requires_grad_() for t in make_inputs((2,), 3, 5, 6, 2))
@@ -216,7 +241,7 @@ def test_probe_allows_cpu_only_under_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert ops.available_backends("cpu", "node_lora")["triton"] is True
     ops.set_backend(None)
-    assert ops.resolve_backend("node_lora", "cpu") == "torch"  # never picked by auto on CPU
+    assert ops.resolve_backend("node_lora", "cpu") != "triton"  # never picked by auto on CPU
     monkeypatch.delenv("TRITON_INTERPRET")
     reason = ops.available_backends("cpu", "node_lora")["triton"]
     assert isinstance(reason, str) and "TRITON_INTERPRET=1" in reason

@@ -11,30 +11,17 @@
 #include <tuple>
 
 #include "../meta_gconv_common.h"
+#include "cuda_glue.h"
 #include "meta_gconv_kernels.h"
 
 namespace stfast_ext {
 namespace {
 
-stfast_cuda::DType kernel_dtype(const char* op, at::ScalarType t) {
-  switch (t) {
-    case at::kFloat:
-      return stfast_cuda::DType::kFloat32;
-    case at::kDouble:
-      return stfast_cuda::DType::kFloat64;
-    case at::kHalf:
-      return stfast_cuda::DType::kFloat16;
-    case at::kBFloat16:
-      return stfast_cuda::DType::kBFloat16;
-    default:
-      TORCH_CHECK_TYPE(false, op, ": x: expected dtype float32, float64, float16 or bfloat16, got ", dtype_name(t));
-  }
-}
-
-// Accumulation dtype of the kernels: fp64 for fp64, fp32 otherwise.
-at::ScalarType acc_dtype(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
+using cuda_glue::acc_dtype;
+using cuda_glue::acc_kernel_dtype;
+using cuda_glue::check_launch;
+using cuda_glue::current_stream;
+using cuda_glue::kernel_dtype;
 
 stfast_cuda::MetaGconvDims kernel_dims(const MetaShape& s) {
   stfast_cuda::MetaGconvDims dims{};
@@ -63,12 +50,8 @@ stfast_cuda::MetaGconvDims kernel_dims(const MetaShape& s) {
   return dims;
 }
 
-void check_launch(const char* op, const char* kernel, cudaError_t err) {
-  TORCH_CHECK(err == cudaSuccess, op, ": CUDA kernel ", kernel, " failed: ", cudaGetErrorString(err));
-}
-
 void check_cuda_inputs(const char* op, const at::Tensor& x, Formulation formulation) {
-  TORCH_CHECK_VALUE(x.device().is_cuda(), op, ": x: expected a CUDA tensor, got device ", x.device());
+  cuda_glue::check_cuda_tensor(op, x);
   TORCH_CHECK_VALUE(formulation != Formulation::kGrouped, op,
                     ": formulation: the CUDA kernels implement 'outer' (or 'auto'), got 'grouped'");
 }
@@ -93,7 +76,7 @@ at::Tensor meta_gconv_fwd_cuda(const at::Tensor& x, const std::optional<at::Tens
   const at::Tensor pool = weights_pool.contiguous();
   const at::Tensor pb = s.has_bias ? bias_pool->contiguous() : at::Tensor();
   at::Tensor out = at::empty({s.rows(), s.O}, x.options());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  const cudaStream_t stream = current_stream();
   check_launch(op, "meta_gconv_fwd",
                stfast_cuda::meta_gconv_forward(dtype, xg.data_ptr(), emb.data_ptr(), pool.data_ptr(),
                                                s.has_bias ? pb.data_ptr() : nullptr, out.data_ptr(), kernel_dims(s),
@@ -131,7 +114,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> meta_gcon
       act != Activation::kNone ? std::optional<at::Tensor>(out->to(acc)) : std::nullopt;
   const at::Tensor g = activation_backward(grad.to(acc), out_acc, act).reshape({s.rows(), s.O}).contiguous();
   const auto dims = kernel_dims(s);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  const cudaStream_t stream = current_stream();
   const at::Tensor empty = x.new_empty({0});
 
   at::Tensor d_xg = need_xg ? at::empty({s.rows(), s.I}, x.options()) : at::Tensor();
@@ -148,10 +131,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> meta_gcon
     if (need_e) {
       at::Tensor de_rows = at::empty({s.rows(), s.D}, x.options().dtype(acc));
       check_launch(op, "sum_parts",
-                   stfast_cuda::sum_parts(acc == at::kDouble ? stfast_cuda::DType::kFloat64
-                                                             : stfast_cuda::DType::kFloat32,
-                                          de_parts.data_ptr(), de_parts.size(0), de_rows.numel(), de_rows.data_ptr(),
-                                          stream));
+                   stfast_cuda::sum_parts(acc_kernel_dtype(x.scalar_type()), de_parts.data_ptr(), de_parts.size(0),
+                                          de_rows.numel(), de_rows.data_ptr(), stream));
       if (s.has_bias) {  // + g @ Pb^T
         de_rows.addmm_(g, bias_pool->to(acc).t());
       }

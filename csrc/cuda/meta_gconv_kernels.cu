@@ -13,7 +13,7 @@
 //
 // Determinism: no atomics. Every output element is written by one thread that reduces in a fixed
 // order; the two reductions that span blocks (dE over slices of I, dP over slices of M) write fp32
-// partial buffers (in the accumulation type) that sum_parts adds up in slice order.
+// partial buffers (in the accumulation type) that sum_parts (cuda_common.cu) adds up in slice order.
 #include "meta_gconv_kernels.h"
 
 #include <cuda_bf16.h>
@@ -31,40 +31,12 @@ constexpr int kSub = 4;        // outputs per thread along each tile side
 constexpr int kLanes = 16;     // threads along each tile side
 constexpr int kChunk = 32;     // reduction depth staged per step (BK)
 
-// ---------------------------------------------------------------- dtype helpers
-
-template <typename T>
-struct Acc {
-  using type = float;
-};
-template <>
-struct Acc<double> {
-  using type = double;
-};
-
-__device__ __forceinline__ float to_acc(float v) { return v; }
-__device__ __forceinline__ double to_acc(double v) { return v; }
-__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-struct Store;
-template <>
-struct Store<float> {
-  __device__ __forceinline__ static float from(float v) { return v; }
-};
-template <>
-struct Store<double> {
-  __device__ __forceinline__ static double from(double v) { return v; }
-};
-template <>
-struct Store<__half> {
-  __device__ __forceinline__ static __half from(float v) { return __float2half_rn(v); }
-};
-template <>
-struct Store<__nv_bfloat16> {
-  __device__ __forceinline__ static __nv_bfloat16 from(float v) { return __float2bfloat16_rn(v); }
-};
+// dtype helpers (Acc, to_acc, Store, ceil_div, dispatch): cuda_common.h
+using detail::Acc;
+using detail::ceil_div;
+using detail::dispatch;
+using detail::Store;
+using detail::to_acc;
 
 template <typename A>
 __device__ __forceinline__ A activate(A v, int activation) {
@@ -398,49 +370,6 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// ---------------------------------------------------------------- fixed-order sum of partials
-
-template <typename T>
-__global__ void sum_parts_kernel(const typename Acc<T>::type* __restrict__ in, int64_t parts, int64_t count,
-                                 T* __restrict__ out) {
-  using A = typename Acc<T>::type;
-  for (int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; j < count;
-       j += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    A total = A(0);
-    for (int64_t s = 0; s < parts; ++s) {
-      total += in[s * count + j];
-    }
-    out[j] = Store<T>::from(total);
-  }
-}
-
-// ---------------------------------------------------------------- dispatch
-
-int64_t ceil_div(int64_t a, int64_t b) {
-  return (a + b - 1) / b;
-}
-
-template <typename F>
-cudaError_t dispatch(DType dtype, F&& launch) {
-  switch (dtype) {
-    case DType::kFloat32:
-      launch(float{});
-      break;
-    case DType::kFloat64:
-      launch(double{});
-      break;
-    case DType::kFloat16:
-      launch(__half{});
-      break;
-    case DType::kBFloat16:
-      launch(__nv_bfloat16{});
-      break;
-    default:
-      return cudaErrorInvalidValue;
-  }
-  return cudaGetLastError();
-}
-
 }  // namespace
 
 cudaError_t meta_gconv_forward(DType dtype, const void* xg, const void* emb, const void* pool, const void* bias_pool,
@@ -507,18 +436,6 @@ cudaError_t meta_gconv_backward_dp(DType dtype, const void* g, const void* xg, c
     meta_gconv_bwd_dp_kernel<T><<<grid, kThreads, 0, stream>>>(static_cast<const A*>(g), static_cast<const T*>(xg),
                                                                 static_cast<const T*>(emb), static_cast<A*>(dp_parts),
                                                                 rows_per_slice, dims);
-  });
-}
-
-cudaError_t sum_parts(DType dtype, const void* in, int64_t parts, int64_t count, void* out, cudaStream_t stream) {
-  if (count == 0) {
-    return cudaSuccess;
-  }
-  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(ceil_div(count, kThreads), 4096));
-  return dispatch(dtype, [&](auto tag) {
-    using T = decltype(tag);
-    using A = typename Acc<T>::type;
-    sum_parts_kernel<T><<<blocks, kThreads, 0, stream>>>(static_cast<const A*>(in), parts, count, static_cast<T*>(out));
   });
 }
 

@@ -13,9 +13,9 @@
 
 #include <cstdint>
 
-namespace stfast_cuda {
+#include "cuda_common.h"  // DType, sum_parts
 
-enum class DType : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
+namespace stfast_cuda {
 
 struct MetaGconvDims {
   int64_t rows;     // M = B*N
@@ -47,9 +47,5 @@ int64_t meta_gconv_dp_parts(const MetaGconvDims& dims);
 // every slice is written, so the buffer needs no zeroing).
 cudaError_t meta_gconv_backward_dp(DType dtype, const void* g, const void* xg, const void* emb, void* dp_parts,
                                    const MetaGconvDims& dims, cudaStream_t stream);
-
-// out[j] = sum_{p = 0 .. parts-1} in[p * count + j], summed in p order; `in` is in the accumulation
-// type of `dtype`, `out` in `dtype`.
-cudaError_t sum_parts(DType dtype, const void* in, int64_t parts, int64_t count, void* out, cudaStream_t stream);
 
 }  // namespace stfast_cuda

@@ -46,6 +46,9 @@ __all__ = [
     "load",
     "meta_gconv_backward",
     "meta_gconv_forward",
+    "node_lora_backward",
+    "node_lora_dropout_mask",
+    "node_lora_forward",
     "source_files",
     "sources_hash",
     "status",
@@ -60,7 +63,10 @@ VERBOSE_ENV = "STFAST_EXT_VERBOSE"
 # "grouped" (see csrc/README.md). The CUDA kernels always use "outer". Tests switch it.
 FORMULATION = "auto"
 
-CXX_FLAGS = ["-O3", "-fopenmp"]  # -fopenmp: at::parallel_for is inline and parallel only with OpenMP
+# -fopenmp: at::parallel_for is inline and parallel only with OpenMP. -fno-trapping-math and
+# -fno-math-errno (torch's own build flags; results unchanged) let loops with selects such as
+# leaky_relu vectorise. setup.py passes the same flags.
+CXX_FLAGS = ["-O3", "-fopenmp", "-fno-trapping-math", "-fno-math-errno"]
 LD_FLAGS = ["-fopenmp"]
 
 _lock = threading.Lock()
@@ -129,8 +135,12 @@ def _short_error(err: BaseException) -> str:
     return " | ".join(picked)[:600]
 
 
+_OPS = ("meta_gconv_fwd", "meta_gconv_bwd", "node_lora_fwd", "node_lora_bwd", "node_lora_dropout_mask")
+
+
 def _registered() -> bool:
-    return hasattr(torch.ops, "stfast_ext") and hasattr(torch.ops.stfast_ext, "meta_gconv_fwd")
+    """Every op of the current sources is registered (an extension built from older sources is not)."""
+    return hasattr(torch.ops, "stfast_ext") and all(hasattr(torch.ops.stfast_ext, op) for op in _OPS)
 
 
 def _load_installed() -> bool | str:
@@ -269,6 +279,33 @@ def meta_gconv_backward(grad, out, x, supports, embeddings, pool, bias_pool, che
     return tuple(g if need and t is not None else None for g, need, t in zip(grads, needs, inputs))
 
 
+def node_lora_forward(x, weight, bias, lora_a, lora_b, scale, activation, dropout_p, seed, offset):
+    return torch.ops.stfast_ext.node_lora_fwd(x, weight, bias, lora_a, lora_b, scale, activation, dropout_p, seed,
+                                              offset)
+
+
+def node_lora_backward(grad, x, weight, bias, lora_a, lora_b, scale, activation, dropout_p, seed, offset, needs):
+    """``(dx, dW, db, dA, dB)``, ``None`` where ``needs`` (same order) is false."""
+    needs = [bool(n) for n in needs]
+    grads = torch.ops.stfast_ext.node_lora_bwd(
+        grad, x, weight, bias, lora_a, lora_b, scale, activation, dropout_p, seed, offset, needs
+    )
+    inputs = (x, weight, bias, lora_a, lora_b)
+    return tuple(g if need and t is not None else None for g, need, t in zip(grads, needs, inputs))
+
+
+def node_lora_dropout_mask(x, dropout_p: float, seed: int, offset: int = 0):
+    """The dropout multiplier (``keep / (1 - p)``, ``x``'s shape and dtype) that the ``cpu`` and
+    ``cuda`` kernels draw for ``x`` (the same mask as the ``triton`` kernels'; see
+    ``csrc/node_lora_math.h``)."""
+    loaded = load()
+    if loaded is not True:
+        raise RuntimeError(loaded)
+    return torch.ops.stfast_ext.node_lora_dropout_mask(x, float(dropout_p), int(seed), int(offset))
+
+
 for _backend in ("cpu", "cuda"):
     backends.register_impl(_backend, "meta_gconv", meta_gconv_forward)
     backends.register_impl(_backend, "meta_gconv_backward", meta_gconv_backward)
+    backends.register_impl(_backend, "node_lora", node_lora_forward)
+    backends.register_impl(_backend, "node_lora_backward", node_lora_backward)

@@ -1,15 +1,10 @@
 """Benchmarks run with `pytest bench/ --benchmark-only`; they are never part of the test suite."""
 
-import platform
 
 import pytest
 import torch
 
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+from stfast.profiler import describe_device
 
 
 @pytest.fixture(scope="session")

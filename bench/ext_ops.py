@@ -17,7 +17,6 @@ On a GPU machine (CUDA tensors) the candidates are ``reference torch triton cuda
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import sys
 import time
@@ -30,23 +29,12 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 from stfast import ops
 from stfast.ops import _ext
+from stfast.profiler import describe_device
 from stfast.reference.himnet import HimGCN
 
 SHAPE = {"B": 16, "N": 207, "C": 67, "K": 2, "D": 16, "O": 128}  # METR-LA decoder gate, batch 16
 AXES = ("S", "T", "ST")
 MODES = ("forward", "forward+backward")
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{model} (CPU), {torch.get_num_threads()} threads"
 
 
 def make_inputs(axis: str, device: torch.device):
@@ -116,7 +104,7 @@ def measure(axes, names, device, repeats, warmup):
 def markdown(rows, names, device, repeats, skipped) -> str:
     s = SHAPE
     title = (f"meta_gconv, METR-LA decoder shape (B={s['B']}, N={s['N']}, C={s['C']}, K={s['K']}, D={s['D']}, "
-             f"O={s['O']}, per-sample supports), device: {device_name(device)}, torch {torch.__version__}, "
+             f"O={s['O']}, per-sample supports), device: {describe_device(device)}, torch {torch.__version__}, "
              f"median [min, max] of {repeats} round-robin rounds, ms")
     lines = [
         title,

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
@@ -39,6 +38,7 @@ from pathlib import Path
 import torch
 
 import stfast.ops as ops
+from stfast.profiler import describe_device
 
 # Peak DRAM bandwidth in GB/s from NVIDIA's product datasheets (H100 SXM5 HBM3: 3.35 TB/s;
 # H100 PCIe: 2 TB/s; H200 SXM: 4.8 TB/s).
@@ -177,12 +177,6 @@ def stlora_step(model, batch_size, device, warmup, repeats) -> list[dict]:
 
 # ---------------------------------------------------------------- report
 
-def device_name(device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-
-
 def peak_gbps(name: str, override):
     if override:
         return override
@@ -240,7 +234,7 @@ def main(argv=None) -> int:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--peak-gbps", type=float, help="the device's peak memory bandwidth, for the % column")
+    parser.add_argument("--peak-gbps", type=float, help="the device's peak memory bandwidth, for the %% column")
     parser.add_argument("--stlora-step", metavar="MODEL", help="also time MODEL's training step with/without ST-LoRA")
     parser.add_argument("--step-batch", type=int, default=16)
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
@@ -260,7 +254,7 @@ def main(argv=None) -> int:
             methods.append(name)
     shapes = [tuple(s) for s in args.shape] if args.shape else [s for key in args.shapes for s in SHAPES[key]]
     rows = [row for shape in shapes for row in measure(shape, methods, device, dtype, args.warmup, args.repeats)]
-    name = device_name(device)
+    name = describe_device(device)
     peak = peak_gbps(name, args.peak_gbps) if device.type == "cuda" else args.peak_gbps
     table = markdown(rows, name, args.dtype, peak)
     step_rows = stlora_step(args.stlora_step, args.step_batch, device, 2, 5) if args.stlora_step else []

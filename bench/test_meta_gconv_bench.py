@@ -11,9 +11,10 @@ import pytest
 import torch
 
 import stfast.ops as ops
+from stfast.profiler import describe_device
 from stfast.reference.himnet import HimGCN
 
-from .conftest import device_name, synchronize
+from .conftest import synchronize
 
 SHAPES = {  # name: (B, N, C, K, D, O)
     "METR-LA": (16, 207, 67, 2, 16, 128),
@@ -80,5 +81,5 @@ def test_meta_gconv(benchmark, device, dataset, axis, candidate, mode):
 
     benchmark.pedantic(step, rounds=5 if device.type == "cpu" else 50, warmup_rounds=1)
     flops = useful_flops(shape, axis) * (3 if mode == "forward+backward" else 1)
-    benchmark.extra_info.update(device=device_name(device), flops=flops,
+    benchmark.extra_info.update(device=describe_device(device), flops=flops,
                                 gflops_per_s=flops / benchmark.stats["median"] / 1e9)

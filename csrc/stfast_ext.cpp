@@ -8,6 +8,8 @@
 
 #include <string>
 
+#include "cpu/blas.h"
+
 namespace stfast_ext {
 
 bool has_cuda() {
@@ -21,6 +23,8 @@ bool has_cuda() {
 std::string build_info() {
   std::string info = "cuda=";
   info += has_cuda() ? "1" : "0";
+  info += " cpu_gemm=";
+  info += cpu_gemm_route();
   info += " openmp=";
 #ifdef _OPENMP
   info += "1";

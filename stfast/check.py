@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from . import testing
+from .profiler import describe_device
 
 __all__ = ["add_check_parser", "main", "run_check"]
 
@@ -410,12 +411,6 @@ def _model_runner(name, dataset, backend, context, overrides, candidates, refere
 
 # ---------------------------------------------------------------- running and reporting
 
-def _describe_device(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{device} ({torch.cuda.get_device_name(device)})"
-    return "cpu"
-
-
 def _versions() -> dict:
     from . import __version__
 
@@ -463,7 +458,7 @@ def run_check(args) -> int:
         reasons = sorted({c.skip_reason for c in cases if c.skip_reason})
         raise ValueError("nothing to check with these --backends/--dtypes on "
                          f"{device.type}: {'; '.join(reasons) or 'no cases'}")
-    print(f"stfast check on {_describe_device(device)}: "
+    print(f"stfast check on {describe_device(device)}: "
           + (f"{info['model']} on {info['dataset']} ({info['data']}, batch size {info['batch_size']})"
              if args.model else f"ops {', '.join(dict.fromkeys(c.name for c in cases))}"
              + (" (quick grid)" if args.quick else "")), flush=True)
@@ -486,7 +481,7 @@ def run_check(args) -> int:
               "on a GPU (see stfast.testing.DEFAULT_TOLERANCES)")
 
     if args.json:
-        payload = {"command": "model" if args.model else "ops", "device": _describe_device(device), **_versions(),
+        payload = {"command": "model" if args.model else "ops", "device": describe_device(device), **_versions(),
                    "quick": bool(args.quick), "passed": not failed, "seconds": round(elapsed, 2),
                    "tolerances": {k: {"atol": t.atol, "rtol": t.rtol, "basis": t.basis, "provisional": t.provisional}
                                   for k, t in testing.DEFAULT_TOLERANCES.items()},

@@ -48,7 +48,7 @@ from .metrics import get_loss
 from .models import count_parameters
 from .training.step import make_optimizer, train_step
 
-__all__ = ["ProfileReport", "profile"]
+__all__ = ["ProfileReport", "describe_device", "profile"]
 
 _MIB = float(2**20)
 
@@ -140,7 +140,7 @@ def profile(forecaster, batch, *, scaler, loss=None, training=None, warmup=3, re
         time_per_batch_ms={"median": median, "min": min(times_ms), "max": max(times_ms), "repeats": repeats},
         time_per_epoch_s=median * num_train_batches / 1000,
         peak_memory_mb=memory,
-        device=_describe_device(device),
+        device=describe_device(device),
     )
 
 
@@ -418,7 +418,9 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine() or "unknown CPU"
 
 
-def _describe_device(device: torch.device) -> str:
+def describe_device(device) -> str:
+    """``"cpu (<CPU model>, <threads> threads)"`` or ``"cuda:<i> (<GPU name>)"``: how results name their device."""
+    device = torch.device(device)
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
         return f"cuda:{index} ({torch.cuda.get_device_name(index)})"

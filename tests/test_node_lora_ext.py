@@ -3,6 +3,10 @@ tests of test_node_lora.py: agreement with the torch backend at a benchmark-like
 thread, bitwise determinism, fp16 / bf16 computed in fp32, the dropout mask it draws (layout, rate,
 the same on every call), and the extension op's own argument checks."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -124,3 +128,27 @@ def test_ext_backward_checks_grad():
     with pytest.raises(ValueError, match=r"grad: expected the output's shape \[2, 5, 6\], got \[2, 5, 7\]"):
         torch.ops.stfast_ext.node_lora_bwd(torch.zeros(2, 5, 7), x, weight, bias, lora_a, lora_b, 0.5, None, 0.0, 0, 0,
                                            [True] * 5)
+
+
+def test_aten_gemm_fallback_gives_the_same_results():
+    """Where libtorch_cpu exports no Fortran BLAS, the per-node GEMMs run through ATen instead
+    (csrc/cpu/blas.h); STFAST_CPU_GEMM=aten forces that path in a fresh process."""
+    script = (
+        "import torch, stfast.ops as ops\n"
+        "from stfast.ops import _ext\n"
+        "assert 'cpu_gemm=aten' in _ext.build_info(), _ext.build_info()\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "args = [torch.randn(*s, generator=g, dtype=torch.float64, requires_grad=True) for s in "
+        "((3, 6, 9), (5, 9), (5,), (6, 9, 4), (6, 4, 5))]\n"
+        "outs = {}\n"
+        "for backend in ('cpu', 'torch'):\n"
+        "    with ops.use_backend(backend):\n"
+        "        y = ops.node_lora(*args, 0.5, 'tanh', dropout_p=0.0)\n"
+        "    outs[backend] = (y, *torch.autograd.grad(y.square().sum(), args))\n"
+        "assert all(torch.allclose(a, b, rtol=1e-10, atol=1e-12) for a, b in zip(outs['cpu'], outs['torch']))\n"
+        "print('ok')\n"
+    )
+    assert "cpu_gemm=" in _ext.build_info()  # "blas" where torch exports sgemm_ / dgemm_ (x86 builds: MKL)
+    env = {**os.environ, "STFAST_CPU_GEMM": "aten"}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-2000:]

@@ -7,6 +7,10 @@ import torch
 
 from stfast import models, seed_everything
 from stfast.data import load_dataset
+import math
+
+from stfast.training import trainer as trainer_module
+from stfast.training.step import WarmupCosine, curriculum_horizon, predict, train_step
 from stfast.training.trainer import Trainer, load_checkpoint
 
 TINY_HIMNET = dict(hidden_dim=4, tod_embedding_dim=2, dow_embedding_dim=2, node_embedding_dim=2, st_embedding_dim=2)
@@ -71,6 +75,61 @@ def test_learning_rate_follows_the_milestones(data):
     trainer = make_trainer(data, milestones=[1, 2], lr_decay_rate=0.1)
     trainer.fit(epochs=3)
     assert [round(h["lr"], 8) for h in trainer.state.history] == [1e-4, 1e-5, 1e-5]
+
+
+def test_adamw_with_a_warmup_cosine_schedule(data):
+    """PDFormer's recipe: AdamW, linear warm-up from warmup_lr_init, then cosine annealing to eta_min."""
+    trainer = make_trainer(data, optimizer="adamw", lr_schedule="cosine", lr=1e-2, max_epochs=10, warmup_epochs=2,
+                           warmup_lr_init=1e-4, eta_min=1e-3)
+    assert isinstance(trainer.optimizer, torch.optim.AdamW)
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(1e-4)  # epoch 0: the warm-up's start
+    trainer.fit(epochs=4)
+    cosine = [1e-3 + 0.5 * 9e-3 * (1 + math.cos(math.pi * e / 10)) for e in (2, 3, 4)]
+    assert [h["lr"] for h in trainer.state.history] == pytest.approx([1e-4 + 0.5 * (1e-2 - 1e-4), *cosine])
+    assert WarmupCosine(1e-2, 10, 2, 1e-4, 1e-3).rate(10) == pytest.approx(1e-3)
+
+
+def test_unknown_optimizer_or_schedule_is_refused(data):
+    with pytest.raises(ValueError, match="training optimizer: expected one of .*got 'sgd'"):
+        make_trainer(data, optimizer="sgd")
+    with pytest.raises(ValueError, match="training lr_schedule: expected 'multistep' or 'cosine', got 'step'"):
+        make_trainer(data, lr_schedule="step")
+
+
+def test_curriculum_horizon_grows_by_batches_or_by_epochs():
+    by_batches = {"curriculum": "horizon", "curriculum_step_size": 3}
+    assert [curriculum_horizon(by_batches, epoch=0, batches_seen=b, out_steps=2) for b in range(8)] == [1, 1, 1, 2, 2,
+                                                                                                          2, 2, 2]
+    by_epochs = {"curriculum": "horizon", "curriculum_epochs": 6}
+    assert [curriculum_horizon(by_epochs, epoch=e, batches_seen=0, out_steps=12) for e in (0, 5, 6, 66, 100)] == [
+        1, 1, 2, 12, 12]
+    assert curriculum_horizon({}, epoch=3, batches_seen=9, out_steps=12) is None
+    with pytest.raises(ValueError, match="needs curriculum_step_size"):
+        curriculum_horizon({"curriculum": "horizon"}, epoch=0, batches_seen=0, out_steps=12)
+
+
+def test_the_trainer_trains_on_the_curriculum_horizon(data, monkeypatch):
+    horizons = []
+
+    def recording_step(*args, horizon=None, **kwargs):
+        horizons.append(horizon)
+        return train_step(*args, horizon=horizon, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "train_step", recording_step)
+    trainer = make_trainer(data, curriculum="horizon", curriculum_step_size=2)
+    trainer.fit(epochs=1)
+    assert horizons == [min(1 + b // 2, data.out_steps) for b in range(len(horizons))] and len(horizons) >= 3
+
+
+def test_a_horizon_limited_step_scores_only_the_first_steps(data):
+    trainer = make_trainer(data, lr=0.0)
+    batch = next(trainer._batches("train"))
+    seed_everything(5)
+    loss = train_step(trainer.forecaster, batch, trainer.optimizer, trainer.loss_fn, data.scaler, horizon=2)
+    seed_everything(5)  # the same teacher-forcing draws
+    with torch.no_grad():
+        prediction = predict(trainer.forecaster, batch, data.scaler, batches_seen=0)
+    assert loss.item() == pytest.approx(trainer.loss_fn(prediction[:, :2], batch.y[:, :2]).item(), rel=1e-6)
 
 
 def test_test_metrics_have_the_published_horizons(data, tmp_path):

@@ -5,13 +5,16 @@
 // bound as weak symbols: ATen's own cpublas::gemm is not exported to extensions, and at::mm_out on
 // per-call tensor views costs microseconds per call, which dominated the per-node GEMMs of node_lora
 // (measured: csrc/README.md). Inside an at::parallel_for region the BLAS runs single-threaded. When
-// the symbols are missing (another BLAS build of torch) or a size exceeds 32 bits, the same product
-// runs through at::addmm_out on from_blob views instead.
+// the symbols are missing (another BLAS build of torch), a size exceeds 32 bits, or the environment
+// sets STFAST_CPU_GEMM=aten (read once; the tests use it to cover this path), the same product runs
+// through at::addmm_out on from_blob views instead.
 #pragma once
 
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 
 extern "C" {
@@ -29,10 +32,23 @@ inline bool fits_int(int64_t v) {
   return v <= std::numeric_limits<int>::max();
 }
 
+inline bool fortran_blas_allowed() {
+  static const bool allowed = [] {
+    const char* choice = std::getenv("STFAST_CPU_GEMM");
+    return choice == nullptr || std::strcmp(choice, "aten") != 0;
+  }();
+  return allowed;
+}
+
+// "blas" when the per-node GEMMs call the exported Fortran BLAS, "aten" when they fall back.
+inline const char* cpu_gemm_route() {
+  return sgemm_ != nullptr && dgemm_ != nullptr && fortran_blas_allowed() ? "blas" : "aten";
+}
+
 // The Fortran call on the transposes (column-major C^T = op(B)^T op(A)^T); false if not possible.
 inline bool fortran_gemm(char ta, char tb, int m, int n, int k, float alpha, const float* a, int lda, const float* b,
                          int ldb, float beta, float* c, int ldc) {
-  if (sgemm_ == nullptr) {
+  if (sgemm_ == nullptr || !fortran_blas_allowed()) {
     return false;
   }
   sgemm_(&tb, &ta, &n, &m, &k, &alpha, b, &ldb, a, &lda, &beta, c, &ldc);
@@ -41,7 +57,7 @@ inline bool fortran_gemm(char ta, char tb, int m, int n, int k, float alpha, con
 
 inline bool fortran_gemm(char ta, char tb, int m, int n, int k, double alpha, const double* a, int lda,
                          const double* b, int ldb, double beta, double* c, int ldc) {
-  if (dgemm_ == nullptr) {
+  if (dgemm_ == nullptr || !fortran_blas_allowed()) {
     return false;
   }
   dgemm_(&tb, &ta, &n, &m, &k, &alpha, b, &ldb, a, &lda, &beta, c, &ldc);

@@ -673,7 +673,7 @@ def run(args, stdout=None, stderr=None) -> int:
     import torch
 
     from .. import __version__, configs
-    from ..profiler import _describe_device
+    from ..profiler import describe_device
 
     stdout = sys.stdout if stdout is None else stdout
     stderr = sys.stderr if stderr is None else stderr
@@ -690,7 +690,7 @@ def run(args, stdout=None, stderr=None) -> int:
     if not plan:
         raise BenchError("--models/--backends: expected at least one (model, backend) pair to run, got none: "
                          + "; ".join(notes))
-    description = _describe_device(device)
+    description = describe_device(device)
     out = Path(args.out) if args.out else Path("bench") / "results" / device_slug(description) / "efficiency"
     if args.full_epoch:
         print("--full-epoch: each row also trains one full epoch on synthetic data; on a CPU that is hours "

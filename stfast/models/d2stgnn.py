@@ -15,8 +15,9 @@ tpd 288), 396,388 with LargeST's 12/12 and tpd 288, 394,084 with LargeST's defau
 Weights that are in the count but never reach the output are kept (two never-called modules, named
 ``unused_*``, and the last layer's inherent backcast); :meth:`D2STGNN.unused_parameter_names` lists them.
 
-Left to the trainer: the published curriculum learning on the horizon (BasicTS: 6 epochs per step,
-no warm-up; LargeST: cl_epoch 3, warm_epoch 30) is a training-loop feature, not part of the module.
+The published curriculum learning on the horizon (BasicTS: one more output step every 6 epochs, no
+warm-up; LargeST uses cl_epoch 3, warm_epoch 30) is a training-loop feature, not part of the module:
+the config's ``curriculum="horizon", curriculum_epochs=6`` and ``stfast.training.step.curriculum_horizon``.
 """
 
 from __future__ import annotations
@@ -359,7 +360,7 @@ def config(dataset: str) -> dict:
                  dropout=0.1, transpose_masks=True)
     training = dict(batch_size=32, max_epochs=100, early_stop=0, lr=2e-3, eps=1e-8, weight_decay=1e-5,
                     milestones=[1, 30, 38, 46, 54, 62, 70, 80], lr_decay_rate=0.5, clip_grad=5.0, loss=info.loss,
-                    in_steps=12, out_steps=12)
+                    in_steps=12, out_steps=12, curriculum="horizon", curriculum_epochs=6)
     return {"model": model, "training": training}
 
 

@@ -32,8 +32,8 @@ Data-derived inputs (buffers, no parameters), computed by :func:`build` from the
 
 All four are registered buffers, so a state dict carries them with the weights.
 
-Training recipe features that live in the trainer (AdamW, cosine LR with warm-up, curriculum over
-horizons) are recorded in :func:`config`'s training dict only.
+Training recipe features (AdamW, cosine LR with warm-up, curriculum over horizons) are in
+:func:`config`'s training dict; the trainer applies them (``stfast.training.step``).
 """
 
 from __future__ import annotations
@@ -405,7 +405,7 @@ def config(dataset: str) -> dict:
                  lape_dim=8, geo_num_heads=4, sem_num_heads=2, t_num_heads=2, mlp_ratio=4, qkv_bias=True, drop=0.0,
                  attn_drop=0.0, drop_path=0.3, s_attn_size=3, enc_depth=6, type_ln="post", random_flip=True,
                  **_DERIVATION_DEFAULTS)
-    # The last block of keys is not read by the trainer yet (it runs Adam + MultiStepLR, no curriculum).
+    # optimizer / lr_schedule / warm-up / curriculum: read by stfast.training.step (make_optimizer, curriculum_horizon).
     training = dict(batch_size=16, max_epochs=300, early_stop=50, lr=1e-3, eps=1e-8, weight_decay=0.05,
                     milestones=[], lr_decay_rate=0.1, clip_grad=5.0, loss=info.loss, in_steps=12, out_steps=12,
                     optimizer="adamw", lr_schedule="cosine", warmup_epochs=5, eta_min=1e-4, warmup_lr_init=1e-6,

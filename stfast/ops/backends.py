@@ -46,7 +46,17 @@ _CHOICES = ("auto",) + BACKENDS
 #   S      4.0 [3.4]  /  3.4 [3.0]       22.4 [15.8] / 15.5 [13.0]
 #   T      2.1 [2.0]  /  1.9 [1.8]        8.7 [8.3]  /  8.5 [7.9]   (about a tie: same GEMMs)
 #   ST    13.7 [13.0] / 12.1 [11.8]      65.6 [56.2] / 40.3 [37.9]
-# cpu is never slower, faster for S and ST. Ops without a cpu kernel (node_lora, gconv) fall back to torch.
+# cpu is never slower, faster for S and ST.
+# node_lora (`python bench/node_lora_op.py`, round-robin, median of 11, fp32, leaky_relu, r = 16;
+# bench/results/cpu-amd-epyc-2-threads/node_lora_op_float32.md), torch / cpu ms:
+#   (B, N, d_in, d_out)   forward          forward+backward
+#   (64, 883, 64, 64)     9.2 / 8.3        31.2 / 25.7
+#   (64, 883, 128, 128)   20.3 / 18.8      72.9 / 74.2   (a tie; 68.6 / 57.5 in an earlier run)
+#   (64, 883, 256, 256)   87.7 / 69.9      261.5 / 187.0
+#   (64, 207, 32, 32)     0.76 / 0.56      2.71 / 2.11
+#   (64, 207, 64, 64)     1.79 / 1.41      5.78 / 4.84
+# cpu is faster or tied everywhere (1.08-1.37x forward, 0.98-1.40x forward+backward). gconv has no
+# cpu kernel and falls back to torch.
 # CUDA: "torch" first until the GPU tests and benchmarks have run: the triton kernels are tested
 # only under the interpreter and the cuda kernels (SIMT FMA, no tensor cores) only compiled, so
 # neither is yet verified or measured on a GPU. Force them with use_backend("triton") / ("cuda").

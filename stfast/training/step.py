@@ -1,8 +1,13 @@
-"""One training step, the unit that the trainer runs and the profiler times."""
+"""One training step, the unit that the trainer runs and the profiler times, and the published
+optimisation recipe around it (optimiser, learning-rate schedule, horizon curriculum)."""
 
 from __future__ import annotations
 
+import math
+
 import torch
+
+__all__ = ["WarmupCosine", "curriculum_horizon", "make_optimizer", "predict", "train_step"]
 
 
 def predict(forecaster, batch, scaler, *, batches_seen=None):
@@ -11,14 +16,20 @@ def predict(forecaster, batch, scaler, *, batches_seen=None):
     return scaler.inverse_transform(forecaster(batch, labels=labels, batches_seen=batches_seen))
 
 
-def train_step(forecaster, batch, optimizer, loss_fn, scaler, *, batches_seen=0, clip_grad=0.0) -> torch.Tensor:
+def train_step(forecaster, batch, optimizer, loss_fn, scaler, *, batches_seen=0, clip_grad=0.0,
+               horizon=None) -> torch.Tensor:
     """Forward, loss on unscaled values (plus the model's auxiliary loss, if any), backward, gradient
-    clipping and optimiser step.
+    clipping and optimiser step. ``horizon``: the loss covers only the first ``horizon`` output
+    steps (curriculum learning); None covers all of them.
 
     Returns the loss, detached, without synchronising the device.
     """
     optimizer.zero_grad(set_to_none=True)
-    loss = loss_fn(predict(forecaster, batch, scaler, batches_seen=batches_seen), batch.y)
+    prediction = predict(forecaster, batch, scaler, batches_seen=batches_seen)
+    target = batch.y
+    if horizon is not None:
+        prediction, target = prediction[:, :horizon], target[:, :horizon]
+    loss = loss_fn(prediction, target)
     auxiliary = forecaster.auxiliary_loss()
     if auxiliary is not None:
         loss = loss + auxiliary
@@ -29,10 +40,64 @@ def train_step(forecaster, batch, optimizer, loss_fn, scaler, *, batches_seen=0,
     return loss.detach()
 
 
+class WarmupCosine:
+    """Learning-rate factor per epoch for ``LambdaLR``: linear warm-up from ``warmup_lr_init`` to the
+    base rate over ``warmup_epochs``, then cosine annealing to ``eta_min`` over ``max_epochs`` counted
+    from epoch 0 (PDFormer's schedule: a cosine scheduler with warm-up, no warm-up prefix)."""
+
+    def __init__(self, lr: float, max_epochs: int, warmup_epochs: int = 0, warmup_lr_init: float = 0.0,
+                 eta_min: float = 0.0):
+        self.lr, self.max_epochs, self.warmup_epochs = lr, max_epochs, warmup_epochs
+        self.warmup_lr_init, self.eta_min = warmup_lr_init, eta_min
+
+    def rate(self, epoch: int) -> float:
+        if epoch < self.warmup_epochs:
+            return self.warmup_lr_init + epoch * (self.lr - self.warmup_lr_init) / self.warmup_epochs
+        progress = min(epoch, self.max_epochs) / max(self.max_epochs, 1)
+        return self.eta_min + 0.5 * (self.lr - self.eta_min) * (1 + math.cos(math.pi * progress))
+
+    def __call__(self, epoch: int) -> float:
+        return self.rate(epoch) / self.lr
+
+
+_OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+
+
 def make_optimizer(forecaster, training: dict):
-    """Adam and MultiStepLR with the published settings of ``training`` (a config's "training")."""
-    optimizer = torch.optim.Adam(forecaster.parameters(), lr=training["lr"], eps=training["eps"],
-                                 weight_decay=training["weight_decay"])
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=training["milestones"],
-                                                     gamma=training["lr_decay_rate"])
+    """The optimiser and per-epoch scheduler of ``training`` (a config's "training"): ``optimizer``
+    "adam" (default) or "adamw"; ``lr_schedule`` "multistep" (default: ``milestones`` x
+    ``lr_decay_rate``) or "cosine" (:class:`WarmupCosine` with ``warmup_epochs``,
+    ``warmup_lr_init``, ``eta_min``)."""
+    name = training.get("optimizer", "adam")
+    if name not in _OPTIMIZERS:
+        raise ValueError(f"training optimizer: expected one of {sorted(_OPTIMIZERS)}, got {name!r}")
+    optimizer = _OPTIMIZERS[name](forecaster.parameters(), lr=training["lr"], eps=training["eps"],
+                                  weight_decay=training["weight_decay"])
+    schedule = training.get("lr_schedule", "multistep")
+    if schedule == "multistep":
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=training["milestones"],
+                                                         gamma=training["lr_decay_rate"])
+    elif schedule == "cosine":
+        factor = WarmupCosine(training["lr"], training["max_epochs"], training.get("warmup_epochs", 0),
+                              training.get("warmup_lr_init", 0.0), training.get("eta_min", 0.0))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    else:
+        raise ValueError(f"training lr_schedule: expected 'multistep' or 'cosine', got {schedule!r}")
     return optimizer, scheduler
+
+
+def curriculum_horizon(training: dict, *, epoch: int, batches_seen: int, out_steps: int):
+    """How many output steps the training loss covers under the recipe's horizon curriculum, or None
+    (all of them, no curriculum). ``curriculum_step_size``: one more step every that many batches
+    (PDFormer); ``curriculum_epochs``: one more every that many epochs (D2STGNN, BasicTS)."""
+    if training.get("curriculum") is None:
+        return None
+    if training["curriculum"] != "horizon":
+        raise ValueError(f"training curriculum: expected None or 'horizon', got {training['curriculum']!r}")
+    if training.get("curriculum_step_size"):
+        level = 1 + batches_seen // training["curriculum_step_size"]
+    elif training.get("curriculum_epochs"):
+        level = 1 + epoch // training["curriculum_epochs"]
+    else:
+        raise ValueError("training curriculum 'horizon' needs curriculum_step_size (batches) or curriculum_epochs")
+    return min(level, out_steps)

@@ -1,4 +1,6 @@
-"""The published training recipe: Adam, MultiStepLR, gradient clipping, early stopping on validation.
+"""The published training recipe: the optimiser and learning-rate schedule of the model's config
+(Adam + MultiStepLR by default; AdamW and a warm-up cosine schedule where published), the horizon
+curriculum where published, gradient clipping, early stopping on validation.
 
 Every epoch writes ``last.pt`` atomically (a temporary file, then a rename) with everything needed to
 continue exactly where training stopped: weights, optimiser and scheduler, counters, early-stopping
@@ -21,7 +23,7 @@ import torch
 
 from .. import metrics
 from .._progress import ProgressBar
-from .step import make_optimizer, predict, train_step
+from .step import curriculum_horizon, make_optimizer, predict, train_step
 
 __all__ = ["Trainer", "TrainState", "load_checkpoint", "save_atomic"]
 
@@ -157,8 +159,11 @@ class Trainer:
         bar = ProgressBar(self.data.num_batches("train", self.training["batch_size"]),
                           f"epoch {self.state.epoch + 1}", stream=self.stream, enabled=self.progress)
         for batch in self._batches("train", shuffle=True):
+            horizon = curriculum_horizon(self.training, epoch=self.state.epoch, batches_seen=self.state.batches_seen,
+                                         out_steps=self.data.out_steps)
             loss = train_step(self.forecaster, batch, self.optimizer, self.loss_fn, self.data.scaler,
-                              batches_seen=self.state.batches_seen, clip_grad=self.training["clip_grad"])
+                              batches_seen=self.state.batches_seen, clip_grad=self.training["clip_grad"],
+                              horizon=horizon)
             self.state.batches_seen += 1
             total += loss.item() * len(batch)
             count += len(batch)

@@ -118,8 +118,8 @@ class AGCRN(nn.Module):
         for cell in self.cells:
             state = x.new_zeros(x.shape[0], self.num_nodes, self.rnn_units)
             outputs = []
-            for t in range(x.shape[1]):
-                state = cell(layer_input[:, t], state, support, self.node_embeddings)
+            for step_input in layer_input.unbind(1):  # backward: one stack, not a zero-filled copy per step
+                state = cell(step_input, state, support, self.node_embeddings)
                 outputs.append(state)
             layer_input = torch.stack(outputs, dim=1)
         return layer_input[:, -1]

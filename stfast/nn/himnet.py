@@ -65,7 +65,7 @@ class HimGCRU(reference.HimGCRU):
     def run_sequence(self, inputs, support, embeddings):
         """All steps of ``inputs (B, T, N, C)`` from a zero state, for the S and T axes (shared
         ``(N, N)`` support): returns the states ``(B, T, N, H)``."""
-        batch, steps, nodes, channels = inputs.shape
+        batch, _, nodes, channels = inputs.shape
         axis = self.gate.meta_axis
         # Weights once per sequence (per node for S, per sample for T), input parts for all steps at once.
         gate_x, gate_h = (_generate(embeddings, p) for p in self.gate.split_pool(channels))
@@ -76,11 +76,13 @@ class HimGCRU(reference.HimGCRU):
 
         state = inputs.new_zeros(batch, nodes, self.hidden_dim)
         states = []
-        for t in range(steps):
+        # unbind, not [:, t]: the backward of one unbind is one stack, while every [:, t] would give a
+        # zero-filled (B, T, N, F) gradient plus an add (measured: 14% of the fused step on CPU).
+        for gate_t, update_t in zip(gate_in.unbind(1), update_in.unbind(1)):
             hg = propagate(state, support, self.gate.cheb_k)
-            z, r = torch.split(torch.sigmoid(gate_in[:, t] + _apply(hg, gate_h, axis)), self.hidden_dim, dim=-1)
+            z, r = torch.split(torch.sigmoid(gate_t + _apply(hg, gate_h, axis)), self.hidden_dim, dim=-1)
             zg = propagate(z * state, support, self.update.cheb_k)
-            hc = torch.tanh(update_in[:, t] + _apply(zg, update_h, axis))
+            hc = torch.tanh(update_t + _apply(zg, update_h, axis))
             state = r * state + (1 - r) * hc
             states.append(state)
         return torch.stack(states, dim=1)

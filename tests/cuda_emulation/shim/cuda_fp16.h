@@ -1,0 +1,3 @@
+// Stand-in for CUDA's <cuda_fp16.h> in the CPU emulation of the kernels: see ../emu_cuda.h.
+#pragma once
+#include "../emu_cuda.h"

@@ -299,13 +299,34 @@ GCONV_CASES = {
     "no_inputs": GconvCase("S", 2, 3, 0, 4, 2, 2),
 }
 GCONV_FP64 = ("st_sigmoid_two_input_tiles", "t_identity_multislice")
-GCONV_PARAMS = [pytest.param(name, torch.float32, id=f"{name}-fp32") for name in GCONV_CASES] + [
-    pytest.param(name, torch.float64, id=f"{name}-fp64") for name in GCONV_FP64
-]
+# the tensor-core (WMMA) kernels, emulated by tests/cuda_emulation/shim/mma.h: fp32 as TF32, fp16, bf16
+GCONV_TENSOR_CORES = {"st_sigmoid_two_input_tiles": (torch.float32, torch.float16, torch.bfloat16),
+                      "s_tanh_nobias": (torch.float32,), "t_identity_multislice": (torch.float32, torch.bfloat16),
+                      "no_rows": (torch.float16,), "no_inputs": (torch.float32,)}
+GCONV_PARAMS = (
+    [pytest.param(name, torch.float32, False, id=f"{name}-fp32") for name in GCONV_CASES]
+    + [pytest.param(name, torch.float64, False, id=f"{name}-fp64") for name in GCONV_FP64]
+    + [pytest.param("st_sigmoid_two_input_tiles", torch.float16, False, id="st_sigmoid_two_input_tiles-fp16")]
+    + [pytest.param(name, dtype, True, id=f"{name}-{str(dtype)[6:]}-tensor_cores")
+       for name, dtypes in GCONV_TENSOR_CORES.items() for dtype in dtypes]
+)
 
 
-@pytest.mark.parametrize("name, dtype", GCONV_PARAMS)
-def test_meta_gconv_kernels(harness, tmp_path, name, dtype):
+def tensor_core_operand(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """fp32 ``v`` rounded as the tensor-core kernels round an MMA operand of storage ``dtype`` (float64).
+
+    fp16 / bf16: to that type (nearest even); fp32: to TF32, 10 mantissa bits, to nearest with ties
+    away from zero (``cvt.rna.tf32.f32``, what ``__float_to_tf32`` does).
+    """
+    if dtype != torch.float32:
+        return v.to(dtype).double()
+    bits = v.view(torch.int32)
+    rounded = torch.where(v.isfinite(), (bits + 0x1000) & ~0x1FFF, bits)
+    return rounded.view(torch.float32).double()
+
+
+@pytest.mark.parametrize("name, dtype, tensor_cores", GCONV_PARAMS)
+def test_meta_gconv_kernels(harness, tmp_path, name, dtype, tensor_cores):
     case = GCONV_CASES[name]
     M, I, O, D = case.B * case.N, case.I, case.O, case.D
     acc = torch.float64 if dtype == torch.float64 else torch.float32
@@ -316,7 +337,8 @@ def test_meta_gconv_kernels(harness, tmp_path, name, dtype):
         del inputs["bias_pool"]
     spec = {"op": "meta_gconv", "dtype": DTYPE_CODES[dtype], "rows": M, "nodes": case.N, "inputs": I, "outputs": O,
             "dim": D, "stride_eb": seb, "stride_en": sen, "stride_ed": sed, "activation": case.activation,
-            "bias": int(case.bias), "emb_count": inputs["emb"].numel(), "shuffle_seed": 7}
+            "bias": int(case.bias), "emb_count": inputs["emb"].numel(), "tensor_cores": int(tensor_cores),
+            "shuffle_seed": 7}
     run = run_case(harness, tmp_path / "case", spec, inputs)
     check_orders(run, ["y", "dxg", "dxg_only", "de", "de_only", "dp", "dp_parts"])
 
@@ -324,18 +346,28 @@ def test_meta_gconv_kernels(harness, tmp_path, name, dtype):
     rows = torch.arange(M)
     offsets = (rows // case.N) * seb + (rows % case.N) * sen
     emb = inputs["emb"].double().reshape(-1)[offsets[:, None] + torch.arange(D)[None, :] * sed]  # E (M, D)
-    pre = torch.einsum("md,mi,dio->mo", emb, xg, pool)
+    z = emb[:, :, None] * xg[:, None, :]  # (M, D, I), formed by the kernels in fp32 (exact for these inputs)
+    z_op, pool_op, g_op = z, pool, g
+    if tensor_cores:  # the MMA operands, rounded as the kernels round them
+        z_op, pool_op, g_op = (tensor_core_operand(v.float(), dtype) for v in (z, pool, g))
+    pre = torch.einsum("mdi,dio->mo", z_op, pool_op)
     if case.bias:
         pre = pre + emb @ inputs["bias_pool"].double()
+    t_op = torch.einsum("mo,dio->mdi", g_op, pool_op)  # g @ P[d]^T per d
     reference = {
         "y": META_ACTIVATIONS[case.activation](pre),
-        "dxg": torch.einsum("md,mo,dio->mi", emb, g, pool),
-        "de": torch.einsum("mi,mo,dio->md", xg, g, pool),
-        "dp": torch.einsum("md,mi,mo->dio", emb, xg, g),
+        "dxg": torch.einsum("md,mdi->mi", emb, t_op),
+        "de": torch.einsum("mi,mdi->md", xg, t_op),
+        "dp": torch.einsum("mdi,mo->dio", z_op, g_op),
     }
     tol = TOLERANCE[dtype]
     for out, out_dtype in {"y": dtype, "dxg": dtype, "de": acc, "dp": dtype}.items():
         check_close(out, run.get(out, out_dtype), reference[out], tol)
+    if tensor_cores and dtype == torch.float32 and M * I * O:
+        # the operands' TF32 rounding shows beyond fp32 accuracy: these are the tensor-core kernels
+        exact = META_ACTIVATIONS[case.activation](torch.einsum("mdi,dio->mo", z, pool) + (
+            emb @ inputs["bias_pool"].double() if case.bias else 0))
+        assert (run.get("y", dtype).double() - exact.reshape(-1)).abs().max() > 10 * TOLERANCE[dtype]
     assert run.orders("dxg_only") == run.orders("dxg")
     assert run.orders("de_only") == run.orders("de")
     if case.multi_slice:

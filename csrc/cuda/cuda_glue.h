@@ -4,7 +4,13 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Context.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
+
+#include <cstdlib>
+#include <cstring>
 
 #include "../meta_gconv_common.h"  // dtype_name
 #include "cuda_common.h"
@@ -35,6 +41,31 @@ inline at::ScalarType acc_dtype(at::ScalarType t) {
 // The kernels' dtype code of acc_dtype(t) (for sum_parts into an accumulation-type buffer).
 inline stfast_cuda::DType acc_kernel_dtype(at::ScalarType t) {
   return t == at::kDouble ? stfast_cuda::DType::kFloat64 : stfast_cuda::DType::kFloat32;
+}
+
+// Whether the kernels take their tensor-core (WMMA) path for inputs of dtype t on the current device:
+// on sm_80+, always for fp16 / bf16; for fp32 (as TF32) only where torch itself allows TF32 matmuls
+// (torch.backends.cuda.matmul.allow_tf32, or torch.set_float32_matmul_precision("high" / "medium"));
+// never for fp64. STFAST_CUDA_TENSOR_CORES=0 turns the path off (the SIMT kernels, for comparison).
+inline bool use_tensor_cores(at::ScalarType t) {
+  const char* env = std::getenv("STFAST_CUDA_TENSOR_CORES");
+  if (env != nullptr && std::strcmp(env, "0") == 0) {
+    return false;
+  }
+  int major = 0;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, c10::cuda::current_device()) != cudaSuccess ||
+      major < 8) {
+    return false;
+  }
+  switch (t) {
+    case at::kHalf:
+    case at::kBFloat16:
+      return true;
+    case at::kFloat:
+      return at::globalContext().allowTF32CuBLAS();
+    default:
+      return false;
+  }
 }
 
 inline cudaStream_t current_stream() {

@@ -23,7 +23,7 @@ using cuda_glue::check_launch;
 using cuda_glue::current_stream;
 using cuda_glue::kernel_dtype;
 
-stfast_cuda::MetaGconvDims kernel_dims(const MetaShape& s) {
+stfast_cuda::MetaGconvDims kernel_dims(const MetaShape& s, at::ScalarType dtype) {
   stfast_cuda::MetaGconvDims dims{};
   dims.rows = s.rows();
   dims.nodes = s.N;
@@ -47,6 +47,7 @@ stfast_cuda::MetaGconvDims kernel_dims(const MetaShape& s) {
   }
   dims.stride_ed = 1;
   dims.activation = static_cast<int>(s.activation);
+  dims.tensor_cores = cuda_glue::use_tensor_cores(dtype) ? 1 : 0;
   return dims;
 }
 
@@ -79,7 +80,7 @@ at::Tensor meta_gconv_fwd_cuda(const at::Tensor& x, const std::optional<at::Tens
   const cudaStream_t stream = current_stream();
   check_launch(op, "meta_gconv_fwd",
                stfast_cuda::meta_gconv_forward(dtype, xg.data_ptr(), emb.data_ptr(), pool.data_ptr(),
-                                               s.has_bias ? pb.data_ptr() : nullptr, out.data_ptr(), kernel_dims(s),
+                                               s.has_bias ? pb.data_ptr() : nullptr, out.data_ptr(), kernel_dims(s, x.scalar_type()),
                                                stream));
   return out.view({s.B, s.N, s.O});
 }
@@ -113,7 +114,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> meta_gcon
   const std::optional<at::Tensor> out_acc =
       act != Activation::kNone ? std::optional<at::Tensor>(out->to(acc)) : std::nullopt;
   const at::Tensor g = activation_backward(grad.to(acc), out_acc, act).reshape({s.rows(), s.O}).contiguous();
-  const auto dims = kernel_dims(s);
+  const auto dims = kernel_dims(s, x.scalar_type());
   const cudaStream_t stream = current_stream();
   const at::Tensor empty = x.new_empty({0});
 

@@ -6,10 +6,11 @@
 // and walks d, multiplying the block's partial sums over that chunk by E[m, d] (one FMA per output
 // per chunk and d), so the inner loop is a plain xg-tile x P[d]-tile product.
 //
-// Honest status (first version): these are tiled SIMT FMA kernels (64x64 output tiles, 4x4 outputs
-// per thread, shared-memory staging, fp32 accumulation, fp64 for fp64), NOT tensor-core kernels.
-// fp16 / bf16 inputs are converted to fp32 when staged. A WMMA / mma.sync path (bf16/fp16, and TF32
-// for fp32) is the next step. They have been compiled with nvcc (CI) but not yet run on a GPU.
+// Two paths. The SIMT kernels (64x64 output tiles, 4x4 outputs per thread, shared-memory staging, fp32
+// accumulation, fp64 for fp64) run every dtype. The tensor-core kernels (WMMA, tensor_core_tile.cuh)
+// run fp16 / bf16 and, as TF32, fp32 when MetaGconvDims::tensor_cores is set (the glue sets it on
+// sm_80+, for fp32 only where torch allows TF32 matmuls). Both have been compiled with nvcc (CI) and
+// run in the CPU emulation of tests/test_cuda_emulation.py, not yet on a GPU.
 //
 // Determinism: no atomics. Every output element is written by one thread that reduces in a fixed
 // order; the two reductions that span blocks (dE over slices of I, dP over slices of M) write fp32
@@ -21,6 +22,9 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <type_traits>
+
+#include "tensor_core_tile.cuh"
 
 namespace stfast_cuda {
 namespace {
@@ -370,6 +374,269 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+
+// ---------------------------------------------------------------- tensor-core kernels
+//
+// The same three products on tensor cores (tensor_core_tile.cuh): 256 threads, a 64 x 64 fp32 tile
+// per block, operands staged kTcDepth deep in shared memory in the MMA operand type (fp16 / bf16 as
+// themselves, fp32 rounded to TF32), the accumulator tile stored to shared memory for the epilogue.
+// Where the SIMT kernels scale partial sums by E[m, d], these stage z = E[m, d] * xg[m, i] (rounded
+// once to the operand type) so that the reduction over (d, i) is one plain GEMM with K = D*I.
+
+#if STFAST_TENSOR_CORES
+
+using detail::kAccumulatorPad;
+using detail::kOperandPad;
+using detail::TensorCoreTile;
+
+constexpr int kTcDepth = 32;  // reduction depth staged per step: 2 (fp16 / bf16) or 4 (TF32) MMA steps
+
+// Shared-memory bytes of a kernel that stages a (64 x kTcDepth) and a (kTcDepth x 64) operand tile and
+// later (never at the same time) holds the 64 x 64 accumulator tile.
+template <typename Operand>
+constexpr int kTcOperandBytes = 2 * kTile * (kTcDepth + kOperandPad<Operand>) * static_cast<int>(sizeof(Operand));
+constexpr int kTcAccumulatorBytes = kTile * (kTile + kAccumulatorPad) * static_cast<int>(sizeof(float));
+template <typename Operand>
+constexpr int kTcSharedBytes =
+    kTcOperandBytes<Operand> > kTcAccumulatorBytes ? kTcOperandBytes<Operand> : kTcAccumulatorBytes;
+
+#endif  // STFAST_TENSOR_CORES
+
+// y tile (64 rows, 64 outputs) = z @ P.reshape(D*I, O): for each chunk of I and each d, A = z
+// (64 x kTcDepth, row-major) and B = P[d] chunk (kTcDepth x 64). Epilogue as the SIMT kernel's.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    meta_gconv_fwd_tc_kernel(const T* __restrict__ xg, const T* __restrict__ emb, const T* __restrict__ pool,
+                             const T* __restrict__ bias_pool, T* __restrict__ out, MetaGconvDims p) {
+#if STFAST_TENSOR_CORES
+  using Tile = TensorCoreTile<T>;
+  using Operand = typename Tile::Operand;
+  using Op = detail::MmaOperand<T>;
+  constexpr int lda = kTcDepth + kOperandPad<Operand>, ldb = kTile + kOperandPad<Operand>;
+  constexpr int ldc = kTile + kAccumulatorPad;
+  __shared__ __align__(128) unsigned char shared[kTcSharedBytes<Operand>];
+  Operand* zs = reinterpret_cast<Operand*>(shared);  // zs[row * lda + k]
+  Operand* ps = zs + kTile * lda;                      // ps[k * ldb + col]
+  float* cs = reinterpret_cast<float*>(shared);        // after the main loop: cs[row * ldc + col]
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kTile;
+  const int64_t o0 = static_cast<int64_t>(blockIdx.y) * kTile;
+  const int64_t I = p.inputs, O = p.outputs;
+
+  Tile tile;
+  tile.zero();
+  for (int64_t i0 = 0; i0 < I; i0 += kTcDepth) {
+    for (int64_t d = 0; d < p.dim; ++d) {
+      __syncthreads();  // every warp is done with the previous operands
+      for (int idx = threadIdx.x; idx < kTile * kTcDepth; idx += kThreads) {
+        const int row = idx / kTcDepth, k = idx % kTcDepth;
+        const int64_t m = m0 + row, i = i0 + k;
+        const float z = (m < p.rows && i < I)
+                            ? to_acc(emb[embedding_offset(m, p) + d * p.stride_ed]) * to_acc(xg[m * I + i])
+                            : 0.0f;
+        zs[row * lda + k] = Op::from(z);
+      }
+      for (int idx = threadIdx.x; idx < kTile * kTcDepth; idx += kThreads) {
+        const int k = idx / kTile, col = idx % kTile;
+        const int64_t i = i0 + k, o = o0 + col;
+        ps[k * ldb + col] = Op::from((i < I && o < O) ? to_acc(pool[(d * I + i) * O + o]) : 0.0f);
+      }
+      __syncthreads();
+      tile.template multiply<detail::wmma::row_major>(zs, lda, ps, ldb, kTcDepth);
+    }
+  }
+  __syncthreads();  // the operands are consumed before the accumulators overwrite them
+  tile.store(cs, ldc);
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < kTile * kTile; idx += kThreads) {
+    const int row = idx / kTile, col = idx % kTile;
+    const int64_t m = m0 + row, o = o0 + col;
+    if (m >= p.rows || o >= O) {
+      continue;
+    }
+    float v = cs[row * ldc + col];
+    if (bias_pool != nullptr) {
+      const int64_t e_row = embedding_offset(m, p);
+      for (int64_t d = 0; d < p.dim; ++d) {
+        v = fma(to_acc(emb[e_row + d * p.stride_ed]), to_acc(bias_pool[d * O + o]), v);
+      }
+    }
+    out[m * O + o] = Store<T>::from(activate(v, p.activation));
+  }
+#else
+  __trap();  // never launched: the glue runs tensor-core kernels on sm_80+ only
+#endif
+}
+
+// Block (64 rows, 64 columns of I), as the SIMT kernel: for every d, t = g @ P[d]^T over O on tensor
+// cores (A = g tile, B = P[d]^T tile), then t goes through shared memory to the thread that owns each
+// (row, column) for dxg += E[., d] t and the dE row sums (fixed-order reduction, as the SIMT kernel).
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    meta_gconv_bwd_dxg_de_tc_kernel(const float* __restrict__ g, const T* __restrict__ xg, const T* __restrict__ emb,
+                                    const T* __restrict__ pool, T* __restrict__ dxg, float* __restrict__ de_parts,
+                                    MetaGconvDims p) {
+#if STFAST_TENSOR_CORES
+  using Tile = TensorCoreTile<T>;
+  using Operand = typename Tile::Operand;
+  using Op = detail::MmaOperand<T>;
+  constexpr int lda = kTcDepth + kOperandPad<Operand>, ldb = kTile + kOperandPad<Operand>;
+  constexpr int ldc = kTile + kAccumulatorPad;
+  __shared__ __align__(128) unsigned char shared[kTcSharedBytes<Operand>];
+  __shared__ float red[kLanes][kTile];  // dE partials: red[tx][row]
+  Operand* gs = reinterpret_cast<Operand*>(shared);  // gs[row * lda + k] = g[m, o0 + k]
+  Operand* pts = gs + kTile * lda;                     // pts[k * ldb + col] = P[d, i0 + col, o0 + k]
+  float* cs = reinterpret_cast<float*>(shared);        // t tile: cs[row * ldc + col]
+  const int tx = threadIdx.x % kLanes, ty = threadIdx.x / kLanes;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kTile;
+  const int64_t i0 = static_cast<int64_t>(blockIdx.y) * kTile;
+  const int64_t I = p.inputs, O = p.outputs, M = p.rows;
+  const bool need_de = de_parts != nullptr;
+
+  float dx[kSub][kSub];
+  float xv[kSub][kSub];  // this thread's xg values (for dE)
+#pragma unroll
+  for (int r = 0; r < kSub; ++r) {
+    const int64_t m = m0 + ty + kLanes * r;
+#pragma unroll
+    for (int c = 0; c < kSub; ++c) {
+      const int64_t i = i0 + tx + kLanes * c;
+      dx[r][c] = 0.0f;
+      xv[r][c] = (need_de && m < M && i < I) ? to_acc(xg[m * I + i]) : 0.0f;
+    }
+  }
+
+  Tile tile;
+  for (int64_t d = 0; d < p.dim; ++d) {
+    tile.zero();
+    for (int64_t o0 = 0; o0 < O; o0 += kTcDepth) {
+      __syncthreads();  // the previous operands (or t tile, or dE partials) are consumed
+      for (int idx = threadIdx.x; idx < kTile * kTcDepth; idx += kThreads) {
+        const int row = idx / kTcDepth, k = idx % kTcDepth;
+        const int64_t m = m0 + row, o = o0 + k;
+        gs[row * lda + k] = Op::from((m < M && o < O) ? g[m * O + o] : 0.0f);
+      }
+      for (int idx = threadIdx.x; idx < kTile * kTcDepth; idx += kThreads) {
+        const int col = idx / kTcDepth, k = idx % kTcDepth;
+        const int64_t i = i0 + col, o = o0 + k;
+        pts[k * ldb + col] = Op::from((i < I && o < O) ? to_acc(pool[(d * I + i) * O + o]) : 0.0f);
+      }
+      __syncthreads();
+      tile.template multiply<detail::wmma::row_major>(gs, lda, pts, ldb, kTcDepth);
+    }
+    __syncthreads();  // the operands are consumed before t overwrites them
+    tile.store(cs, ldc);
+    __syncthreads();
+#pragma unroll
+    for (int r = 0; r < kSub; ++r) {
+      const int row = ty + kLanes * r;
+      const int64_t m = m0 + row;
+      const float e = m < M ? to_acc(emb[embedding_offset(m, p) + d * p.stride_ed]) : 0.0f;
+      float row_sum = 0.0f;
+#pragma unroll
+      for (int c = 0; c < kSub; ++c) {
+        const float t = cs[row * ldc + tx + kLanes * c];
+        dx[r][c] = fma(e, t, dx[r][c]);
+        row_sum = fma(xv[r][c], t, row_sum);
+      }
+      if (need_de) {
+        red[tx][row] = row_sum;
+      }
+    }
+    if (need_de) {
+      __syncthreads();
+      if (threadIdx.x < kTile) {
+        const int64_t m = m0 + threadIdx.x;
+        float total = 0.0f;
+        for (int j = 0; j < kLanes; ++j) {  // fixed order
+          total += red[j][threadIdx.x];
+        }
+        if (m < M) {
+          de_parts[(static_cast<int64_t>(blockIdx.y) * M + m) * p.dim + d] = total;
+        }
+      }
+    }
+  }
+
+  if (dxg != nullptr) {
+#pragma unroll
+    for (int r = 0; r < kSub; ++r) {
+      const int64_t m = m0 + ty + kLanes * r;
+#pragma unroll
+      for (int c = 0; c < kSub; ++c) {
+        const int64_t i = i0 + tx + kLanes * c;
+        if (m < M && i < I) {
+          dxg[m * I + i] = Store<T>::from(dx[r][c]);
+        }
+      }
+    }
+  }
+#else
+  __trap();  // never launched: the glue runs tensor-core kernels on sm_80+ only
+#endif
+}
+
+// Block (dP[d] tile (64 of I, 64 of O), row slice), as the SIMT kernel: over the slice's rows in
+// chunks, A = z^T (z staged row-major as zs[m][i], read column-major) and B = g chunk.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    meta_gconv_bwd_dp_tc_kernel(const float* __restrict__ g, const T* __restrict__ xg, const T* __restrict__ emb,
+                                float* __restrict__ dp_parts, int64_t rows_per_slice, MetaGconvDims p) {
+#if STFAST_TENSOR_CORES
+  using Tile = TensorCoreTile<T>;
+  using Operand = typename Tile::Operand;
+  using Op = detail::MmaOperand<T>;
+  constexpr int ld = kTile + kOperandPad<Operand>;
+  constexpr int ldc = kTile + kAccumulatorPad;
+  __shared__ __align__(128) unsigned char shared[kTcSharedBytes<Operand>];
+  Operand* zs = reinterpret_cast<Operand*>(shared);  // zs[k * ld + col] = E[m, d] xg[m, i0 + col], m = mc + k
+  Operand* gs = zs + kTcDepth * ld;                    // gs[k * ld + col] = g[m, o0 + col]
+  float* cs = reinterpret_cast<float*>(shared);
+  const int64_t I = p.inputs, O = p.outputs, M = p.rows;
+  const int64_t o_tiles = (O + kTile - 1) / kTile;
+  const int64_t i0 = (static_cast<int64_t>(blockIdx.x) / o_tiles) * kTile;
+  const int64_t o0 = (static_cast<int64_t>(blockIdx.x) % o_tiles) * kTile;
+  const int64_t d = blockIdx.y;
+  const int64_t slice = blockIdx.z;
+  const int64_t m_begin = slice * rows_per_slice;
+  const int64_t m_end = m_begin + rows_per_slice < M ? m_begin + rows_per_slice : M;
+
+  Tile tile;
+  tile.zero();
+  for (int64_t mc = m_begin; mc < m_end; mc += kTcDepth) {
+    __syncthreads();  // every warp is done with the previous operands
+    for (int idx = threadIdx.x; idx < kTile * kTcDepth; idx += kThreads) {
+      const int k = idx / kTile, col = idx % kTile;
+      const int64_t m = mc + k, i = i0 + col, o = o0 + col;
+      const float z = (m < m_end && i < I) ? to_acc(emb[embedding_offset(m, p) + d * p.stride_ed]) * to_acc(xg[m * I + i])
+                                           : 0.0f;
+      zs[k * ld + col] = Op::from(z);
+      gs[k * ld + col] = Op::from((m < m_end && o < O) ? g[m * O + o] : 0.0f);
+    }
+    __syncthreads();
+    tile.template multiply<detail::wmma::col_major>(zs, ld, gs, ld, kTcDepth);
+  }
+  __syncthreads();  // the operands are consumed before the accumulators overwrite them
+  tile.store(cs, ldc);
+  __syncthreads();
+  float* part = dp_parts + (slice * p.dim + d) * I * O;
+  for (int idx = threadIdx.x; idx < kTile * kTile; idx += kThreads) {
+    const int row = idx / kTile, col = idx % kTile;
+    const int64_t i = i0 + row, o = o0 + col;
+    if (i < I && o < O) {
+      part[i * O + o] = cs[row * ldc + col];
+    }
+  }
+#else
+  __trap();  // never launched: the glue runs tensor-core kernels on sm_80+ only
+#endif
+}
+
+// The tensor-core kernels exist for fp32 (TF32), fp16 and bf16 (their bodies are compiled for sm_80+).
+template <typename T>
+constexpr bool has_tensor_core_path() {
+  return !std::is_same<T, double>::value;
+}
+
 }  // namespace
 
 cudaError_t meta_gconv_forward(DType dtype, const void* xg, const void* emb, const void* pool, const void* bias_pool,
@@ -383,6 +650,14 @@ cudaError_t meta_gconv_forward(DType dtype, const void* xg, const void* emb, con
   }
   return dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);
+    if constexpr (has_tensor_core_path<T>()) {
+      if (dims.tensor_cores) {
+        meta_gconv_fwd_tc_kernel<T><<<grid, kThreads, 0, stream>>>(
+            static_cast<const T*>(xg), static_cast<const T*>(emb), static_cast<const T*>(pool),
+            static_cast<const T*>(bias_pool), static_cast<T*>(out), dims);
+        return;
+      }
+    }
     meta_gconv_fwd_kernel<T><<<grid, kThreads, 0, stream>>>(
         static_cast<const T*>(xg), static_cast<const T*>(emb), static_cast<const T*>(pool),
         static_cast<const T*>(bias_pool), static_cast<T*>(out), dims);
@@ -408,6 +683,14 @@ cudaError_t meta_gconv_backward_dxg_de(DType dtype, const void* g, const void* x
   return dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);
     using A = typename Acc<T>::type;
+    if constexpr (has_tensor_core_path<T>()) {
+      if (dims.tensor_cores) {
+        meta_gconv_bwd_dxg_de_tc_kernel<T><<<grid, kThreads, 0, stream>>>(
+            static_cast<const A*>(g), static_cast<const T*>(xg), static_cast<const T*>(emb),
+            static_cast<const T*>(pool), static_cast<T*>(dxg), static_cast<A*>(de_parts), dims);
+        return;
+      }
+    }
     meta_gconv_bwd_dxg_de_kernel<T><<<grid, kThreads, 0, stream>>>(
         static_cast<const A*>(g), static_cast<const T*>(xg), static_cast<const T*>(emb), static_cast<const T*>(pool),
         static_cast<T*>(dxg), static_cast<A*>(de_parts), dims);
@@ -433,6 +716,15 @@ cudaError_t meta_gconv_backward_dp(DType dtype, const void* g, const void* xg, c
   return dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);
     using A = typename Acc<T>::type;
+    if constexpr (has_tensor_core_path<T>()) {
+      if (dims.tensor_cores) {
+        meta_gconv_bwd_dp_tc_kernel<T><<<grid, kThreads, 0, stream>>>(static_cast<const A*>(g),
+                                                                       static_cast<const T*>(xg),
+                                                                       static_cast<const T*>(emb),
+                                                                       static_cast<A*>(dp_parts), rows_per_slice, dims);
+        return;
+      }
+    }
     meta_gconv_bwd_dp_kernel<T><<<grid, kThreads, 0, stream>>>(static_cast<const A*>(g), static_cast<const T*>(xg),
                                                                 static_cast<const T*>(emb), static_cast<A*>(dp_parts),
                                                                 rows_per_slice, dims);

@@ -25,6 +25,9 @@ struct MetaGconvDims {
   int64_t dim;      // D
   int64_t stride_eb, stride_en, stride_ed;
   int activation;   // 0 none, 1 sigmoid, 2 tanh
+  // Non-zero: the tensor-core (WMMA) kernels for fp32 (as TF32) / fp16 / bf16 (sm_80+; the glue
+  // decides); fp64 always runs the SIMT kernels.
+  int tensor_cores;
 };
 
 // out = act(sum_d E[m, d] (xg[m] @ P[d] + Pb[d])); bias_pool may be null.

@@ -58,7 +58,7 @@ _CHOICES = ("auto",) + BACKENDS
 # cpu is faster or tied everywhere (1.08-1.37x forward, 0.98-1.40x forward+backward). gconv has no
 # cpu kernel and falls back to torch.
 # CUDA: "torch" first until the GPU tests and benchmarks have run: the triton kernels are tested
-# only under the interpreter and the cuda kernels (SIMT FMA, no tensor cores) only compiled, so
+# only under the interpreter and the cuda kernels only compiled and run in a CPU emulation, so
 # neither is yet verified or measured on a GPU. Force them with use_backend("triton") / ("cuda").
 _AUTO_PREFERENCE = {
     "cuda": ("torch", "triton", "cuda"),

@@ -24,14 +24,18 @@
 //     permutation per interval, seeded). A missing barrier (a thread reading shared memory another
 //     thread has not yet written, or overwriting what another has not yet read) then shows up as a
 //     result that depends on the order; the tests compare the three orders bitwise;
+//   - warp-collective calls (the WMMA API of shim/mma.h): the lanes of a warp (threads 32w .. 32w+31)
+//     must make the same sequence of collective calls with the same arguments (pointer, leading
+//     dimension, layout); a mismatch, or lanes of one warp ending a block with different numbers of
+//     calls, aborts. Checked per block; such blocks must consist of whole warps;
 //   - threadIdx / blockIdx / blockDim / gridDim, cudaError_t, cudaStream_t (ignored), dim3, the
 //     device qualifiers (no-ops), __half / __nv_bfloat16 storage types with round-to-nearest-even
 //     conversions, and the float overloads of the math functions (fma, exp, tanh, ...).
 //
 // What it does NOT emulate, and so cannot catch:
-//   - warp-level behaviour: no warps, no lockstep, no __shfl / __ballot / __syncwarp / atomics (the
-//     kernels use none; using one fails to compile here); a race that real warps happen to hide or
-//     expose is only caught through the thread orders above;
+//   - warp-level behaviour beyond the collective check above: no lockstep, no __shfl / __ballot /
+//     __syncwarp / atomics (the kernels use none; using one fails to compile here); a race that real
+//     warps happen to hide or expose is only caught through the thread orders above;
 //   - the memory model: every write is immediately visible to every thread (no caches, no fences,
 //     no register / shared-memory reordering), and shared memory keeps its contents from one block
 //     to the next (on a GPU it starts undefined), so a read of never-written shared memory is not
@@ -78,6 +82,7 @@ typedef dim3 uint3;
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __shared__ static
+#define __align__(n) __attribute__((aligned(n)))
 
 // The float overloads CUDA's math headers provide in the global namespace.
 using std::exp;
@@ -181,12 +186,22 @@ struct Fiber {
   std::unique_ptr<char[]> stack;  // allocated once, reused by every block (never zero-filled)
   bool done = false;
   long barriers = 0;         // barriers this thread has passed in the current block
+  size_t collectives = 0;    // warp-collective calls this thread has made in the current block
   const char* file = nullptr;  // where it waits
   int line = 0;
 };
 
+// One warp-collective call, as the first lane of the warp to reach it made it.
+struct Collective {
+  const char* what;
+  const void* pointer;
+  unsigned ldm;
+  int layout;
+};
+
 struct Block {
   std::vector<Fiber> fibers;  // grows to the largest block size seen, then reused
+  std::vector<std::vector<Collective>> warps;  // per warp of the running block, its collective calls
   ucontext_t scheduler;
   int current = -1;
   const std::function<void()>* body = nullptr;
@@ -212,6 +227,7 @@ inline void run_block(unsigned threads, const std::function<void()>& body) {
     if (!f.stack) f.stack.reset(new char[kStackBytes]);
     f.done = false;
     f.barriers = 0;
+    f.collectives = 0;
     f.file = nullptr;
     f.line = 0;
     if (getcontext(&f.context) != 0) fail("getcontext failed");
@@ -220,6 +236,7 @@ inline void run_block(unsigned threads, const std::function<void()>& body) {
     f.context.uc_link = &block.scheduler;
     makecontext(&f.context, fiber_main, 0);
   }
+  block.warps.assign((threads + 31) / 32, {});
   std::vector<unsigned> order(threads);
   for (;;) {  // one barrier interval per pass
     for (unsigned t = 0; t < threads; ++t) order[t] = t;
@@ -260,6 +277,13 @@ inline void run_block(unsigned threads, const std::function<void()>& body) {
       std::abort();
     }
   }
+  for (unsigned t = 0; t < threads; ++t) {
+    state.thread_idx = uint3(t, 0, 0);
+    if (block.fibers[t].collectives != block.warps[t / 32].size()) {
+      report("lanes of one warp made different numbers of warp-collective calls");
+      std::abort();
+    }
+  }
   block.body = nullptr;
   block.current = -1;
 }
@@ -280,6 +304,27 @@ inline void sync(const char* file, int line) {
   f.file = file;
   f.line = line;
   if (swapcontext(&f.context, &detail::block.scheduler) != 0) fail("swapcontext failed");
+}
+
+// A warp-collective call (WMMA load / store / mma): every lane of the warp must make the same calls,
+// in the same order, with the same arguments.
+inline void warp_collective(const char* what, const void* pointer, unsigned ldm, int layout) {
+  if (detail::block.current < 0) fail("warp-collective call outside a kernel");
+  if (state.block_dim.x % 32 != 0) fail("warp-collective call in a block that is not whole warps");
+  detail::Fiber& f = detail::block.fibers[detail::block.current];
+  std::vector<detail::Collective>& calls = detail::block.warps[state.thread_idx.x / 32];
+  const detail::Collective mine{what, pointer, ldm, layout};
+  if (f.collectives == calls.size()) {
+    calls.push_back(mine);
+  } else {
+    const detail::Collective& first = calls[f.collectives];
+    if (std::strcmp(first.what, what) != 0 || first.pointer != pointer || first.ldm != ldm || first.layout != layout) {
+      std::fprintf(stderr, "EMU: warp-collective call %zu: %s(%p, ldm %u, layout %d) vs another lane's %s(%p, ldm %u, layout %d)\n",
+                   f.collectives, what, pointer, ldm, layout, first.what, first.pointer, first.ldm, first.layout);
+      fail("lanes of one warp disagree on a warp-collective call");
+    }
+  }
+  ++f.collectives;
 }
 
 // emu::Launch(grid, block, shared_bytes, stream)(kernel, args...): the rewritten kernel<<<...>>>(args...).

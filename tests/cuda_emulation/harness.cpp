@@ -215,6 +215,7 @@ void run_meta_gconv(const Case& c, int order) {
              {"dim", &Dims::dim}, {"stride_eb", &Dims::stride_eb}, {"stride_en", &Dims::stride_en},
              {"stride_ed", &Dims::stride_ed}});
   d.activation = static_cast<int>(s.i("activation"));
+  d.tensor_cores = static_cast<int>(s.i("tensor_cores"));
   const int64_t M = d.rows, I = d.inputs, O = d.outputs, D = d.dim;
   const bool has_bias = s.i("bias") != 0;
 

@@ -2,7 +2,7 @@
 
     python bench/ext_ops.py [--repeats 15] [--warmup 2] [--axes S T ST] [--threads N]
                             [--backends reference torch cpu] [--formulation auto|outer|grouped]
-                            [--out FILE.md]
+                            [--dtype float32|bfloat16|float16] [--tf32] [--out FILE.md]
 
 Shape: HimNet's decoder gate convolution on METR-LA at batch 16 (B=16, N=207, C=67 input channels,
 K=2, D=16, O=128, per-sample supports (B, N, N)). Modes: ``forward`` (under ``torch.no_grad``,
@@ -11,7 +11,11 @@ inference) and ``forward+backward`` (every input requires grad; ``out.sum().back
 The candidates are timed round-robin (one call of each per round, ``--repeats`` rounds) so that load
 from other processes on a shared machine hits them alike; the table gives the median and the
 [min, max] over rounds, in milliseconds, and the speed-ups against ``torch`` and the reference.
-On a GPU machine (CUDA tensors) the candidates are ``reference torch triton cuda``.
+On a GPU machine (CUDA tensors) the candidates are ``reference torch triton cuda cuda_simt``:
+``cuda_simt`` is the ``cuda`` backend with its tensor-core path turned off (``ops.cuda_tensor_cores``),
+so that the two CUDA paths are compared in the same run. ``--tf32`` lets every candidate use TF32 for
+fp32 products (``torch.set_float32_matmul_precision("high")``: cuBLAS, Triton's ``tl.dot`` and the
+``cuda`` tensor-core kernels all follow it).
 """
 
 from __future__ import annotations
@@ -37,22 +41,23 @@ AXES = ("S", "T", "ST")
 MODES = ("forward", "forward+backward")
 
 
-def make_inputs(axis: str, device: torch.device):
+def make_inputs(axis: str, device: torch.device, dtype: torch.dtype = torch.float32):
     b, n, c, k, d, o = (SHAPE[key] for key in "BNCKDO")
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(b, n, c, generator=gen)
     supports = torch.softmax(torch.randn(b, n, n, generator=gen), -1)
     embeddings = torch.randn({"S": (n, d), "T": (b, d), "ST": (b, n, d)}[axis], generator=gen)
-    gcn = HimGCN(c, o, k, d, meta_axis=axis).to(device)
-    return gcn, [t.to(device) for t in (x, supports, embeddings)]
+    gcn = HimGCN(c, o, k, d, meta_axis=axis).to(device, dtype)
+    return gcn, [t.to(device, dtype) for t in (x, supports, embeddings)]
 
 
 def candidate(name: str, gcn: HimGCN):
     if name == "reference":
         return lambda x, supports, e: gcn(x, supports, e)
+    backend, tensor_cores = ("cuda", False) if name == "cuda_simt" else (name, True)
 
     def run(x, supports, e):
-        with ops.use_backend(name):
+        with ops.use_backend(backend), ops.cuda_tensor_cores(tensor_cores):
             return ops.meta_gconv(x, supports, e, gcn.weights_pool, gcn.bias_pool, gcn.cheb_k, axis=gcn.meta_axis)
 
     return run
@@ -80,10 +85,10 @@ def step_fn(fn, inputs, mode, device, gcn):
     return step
 
 
-def measure(axes, names, device, repeats, warmup):
+def measure(axes, names, device, repeats, warmup, dtype=torch.float32):
     rows = []
     for axis in axes:
-        gcn, inputs = make_inputs(axis, device)
+        gcn, inputs = make_inputs(axis, device, dtype)
         for mode in MODES:
             steps = {name: step_fn(candidate(name, gcn), inputs, mode, device, gcn) for name in names}
             for _ in range(warmup):
@@ -101,11 +106,11 @@ def measure(axes, names, device, repeats, warmup):
     return rows
 
 
-def markdown(rows, names, device, repeats, skipped) -> str:
+def markdown(rows, names, device, repeats, skipped, precision="float32") -> str:
     s = SHAPE
     title = (f"meta_gconv, METR-LA decoder shape (B={s['B']}, N={s['N']}, C={s['C']}, K={s['K']}, D={s['D']}, "
-             f"O={s['O']}, per-sample supports), device: {describe_device(device)}, torch {torch.__version__}, "
-             f"median [min, max] of {repeats} round-robin rounds, ms")
+             f"O={s['O']}, per-sample supports), {precision}, device: {describe_device(device)}, "
+             f"torch {torch.__version__}, median [min, max] of {repeats} round-robin rounds, ms")
     lines = [
         title,
         "",
@@ -136,24 +141,32 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--formulation", default=None, choices=("auto", "outer", "grouped"),
                         help="CPU kernels' meta GEMM formulation (default: the backend's own choice)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--tf32", action="store_true", help="fp32 products in TF32 for every candidate")
     parser.add_argument("--out", type=Path, default=None, help="also write the table to this file")
     args = parser.parse_args(argv)
+    if args.tf32:
+        torch.set_float32_matmul_precision("high")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.formulation:
         _ext.FORMULATION = args.formulation
     device = torch.device(args.device)
     requested = args.backends or (["reference", "torch", "cpu"] if device.type == "cpu"
-                                  else ["reference", "torch", "triton", "cuda"])
+                                  else ["reference", "torch", "triton", "cuda", "cuda_simt"])
     status = ops.available_backends(device, "meta_gconv")
+    status["cuda_simt"] = status["cuda"]
     names, skipped = [], {}
     for name in requested:
         if name == "reference" or status.get(name) is True:
             names.append(name)
         else:
             skipped[name] = status.get(name, "unknown backend")
-    rows = measure(args.axes, names, device, args.repeats, args.warmup)
-    table = markdown(rows, names, device, args.repeats, skipped)
+    dtype = getattr(torch, args.dtype)
+    rows = measure(args.axes, names, device, args.repeats, args.warmup, dtype)
+    tf32 = args.tf32 and dtype == torch.float32 and device.type == "cuda"  # TF32 is a CUDA mode
+    precision = "float32 with TF32 products" if tf32 else args.dtype
+    table = markdown(rows, names, device, args.repeats, skipped, precision)
     print(table)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -3,6 +3,8 @@
 #
 #   bash bench/gpu_session.sh test     build the CUDA extension, run every GPU test, stfast check --device cuda
 #   bash bench/gpu_session.sh bench    HimNet step, node_lora and meta_gconv micro-benchmarks
+#   bash bench/gpu_session.sh paths    the CUDA kernels' tensor-core vs SIMT paths against torch / triton,
+#                                      fp32, fp32 with TF32 and bf16, both ops
 #   bash bench/gpu_session.sh table    stfast bench efficiency --device cuda (the paper's table)
 #
 # Each stage installs stfast first (a no-op when the machine still holds the build), writes its logs
@@ -11,7 +13,7 @@
 # benchmark is printed last. STFAST_SESSION_DEVICE=cpu runs the same commands on the CPU with tiny
 # settings (a dry run of this script; CI does not run it).
 set -uo pipefail
-stage="${1:?usage: bash bench/gpu_session.sh test|bench|table}"
+stage="${1:?usage: bash bench/gpu_session.sh test|bench|paths|table}"
 device="${STFAST_SESSION_DEVICE:-cuda}"
 out="/tmp/stfast-session/$stage"
 packed="${OUT:-/tmp/stfast-session}/$stage.tar.gz"
@@ -71,14 +73,27 @@ case "$stage" in
             run himnet_step "$python" bench/himnet_step.py --device cuda --backends reference torch triton cuda \
                 --out "$out"
             run node_lora "$python" bench/node_lora_op.py --device cuda --methods einsum torch triton cuda \
-                --stlora-step himnet --out "$out"
+                cuda_simt --stlora-step himnet --out "$out"
             run node_lora_bf16 "$python" bench/node_lora_op.py --device cuda --dtype bfloat16 \
-                --methods einsum torch triton cuda --out "$out"
+                --methods einsum torch triton cuda cuda_simt --out "$out"
             run meta_gconv "$python" -m pytest -q bench/test_meta_gconv_bench.py --benchmark-only \
                 --benchmark-json "$out/meta_gconv_op.json"
         else
             run node_lora "$python" bench/node_lora_op.py --device cpu --methods torch cpu --shape 4 7 16 16 4 \
                 --repeats 2 --warmup 1 --out "$out"
+        fi
+        ;;
+    paths)
+        install
+        if [ "$device" = cuda ]; then
+            run meta_gconv_fp32 "$python" bench/ext_ops.py --out "$out/meta_gconv_paths_float32.md"
+            run meta_gconv_tf32 "$python" bench/ext_ops.py --tf32 --out "$out/meta_gconv_paths_tf32.md"
+            run meta_gconv_bf16 "$python" bench/ext_ops.py --dtype bfloat16 --out "$out/meta_gconv_paths_bfloat16.md"
+            run node_lora_tf32 "$python" bench/node_lora_op.py --device cuda --tf32 \
+                --methods einsum torch triton cuda cuda_simt --out "$out"
+        else
+            run meta_gconv_tf32 "$python" bench/ext_ops.py --tf32 --axes S --repeats 2 --warmup 1 \
+                --out "$out/meta_gconv_paths_tf32.md"
         fi
         ;;
     table)

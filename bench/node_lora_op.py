@@ -4,11 +4,13 @@ achieved memory bandwidth.
 
     python bench/node_lora_op.py [--device cpu|cuda] [--shapes bench metr-la | --shape B N D_IN D_OUT R ...]
                                  [--dtype float32|bfloat16|float16] [--warmup 3] [--repeats 20]
-                                 [--methods loop einsum torch cpu cuda triton] [--stlora-step himnet]
-                                 [--threads T] [--out DIR]
+                                 [--methods loop einsum torch cpu cuda cuda_simt triton] [--tf32]
+                                 [--stlora-step himnet] [--threads T] [--out DIR]
 
 Methods run round-robin (each round times every method once). Backends that cannot run on the
-device are skipped with the reason.
+device are skipped with the reason. ``cuda_simt`` is the ``cuda`` backend with its tensor-core path
+turned off (``ops.cuda_tensor_cores``); ``--tf32`` lets every method use TF32 for fp32 products
+(``torch.set_float32_matmul_precision("high")``, which the tensor-core kernels follow).
 
 Shapes (issue 4): ``bench`` = B 64, N 883, d 64 / 128 / 256, r 16; ``metr-la`` = B 64, N 207,
 d 32 (ST-LoRA's NSP hidden width here) and 64, r 16. ``x`` is ``(B, N, d_in)``.
@@ -69,15 +71,16 @@ def einsum_composition(x, weight, bias, lora_a, lora_b):
     return x @ weight.t() + bias + SCALE * torch.einsum("bnr,nro->bno", h, lora_b)
 
 
-def op_with(backend):
+def op_with(backend, tensor_cores=True):
     def run(x, weight, bias, lora_a, lora_b):
-        with ops.use_backend(backend):
+        with ops.use_backend(backend), ops.cuda_tensor_cores(tensor_cores):
             return ops.node_lora(x, weight, bias, lora_a, lora_b, SCALE, ACTIVATION)
     return run
 
 
 METHODS = {"loop": naive_loop, "einsum": einsum_composition, "torch": op_with("torch"), "cpu": op_with("cpu"),
-           "cuda": op_with("cuda"), "triton": op_with("triton")}
+           "cuda": op_with("cuda"), "cuda_simt": op_with("cuda", tensor_cores=False), "triton": op_with("triton")}
+BACKEND_OF = {"torch": "torch", "cpu": "cpu", "cuda": "cuda", "cuda_simt": "cuda", "triton": "triton"}
 
 
 # ---------------------------------------------------------------- measurement
@@ -238,8 +241,11 @@ def main(argv=None) -> int:
     parser.add_argument("--stlora-step", metavar="MODEL", help="also time MODEL's training step with/without ST-LoRA")
     parser.add_argument("--step-batch", type=int, default=16)
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--tf32", action="store_true", help="fp32 products in TF32 for every method")
     parser.add_argument("--out", type=Path, help="write node_lora_op_<dtype>.{md,json} there")
     args = parser.parse_args(argv)
+    if args.tf32:
+        torch.set_float32_matmul_precision("high")
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -248,22 +254,24 @@ def main(argv=None) -> int:
     status = ops.available_backends(device, "node_lora")
     methods = []
     for name in args.methods:
-        if name in ("torch", "cpu", "cuda", "triton") and status[name] is not True:
-            print(f"skipping {name}: {status[name]}", file=sys.stderr)
+        if name in BACKEND_OF and status[BACKEND_OF[name]] is not True:
+            print(f"skipping {name}: {status[BACKEND_OF[name]]}", file=sys.stderr)
         else:
             methods.append(name)
     shapes = [tuple(s) for s in args.shape] if args.shape else [s for key in args.shapes for s in SHAPES[key]]
     rows = [row for shape in shapes for row in measure(shape, methods, device, dtype, args.warmup, args.repeats)]
     name = describe_device(device)
     peak = peak_gbps(name, args.peak_gbps) if device.type == "cuda" else args.peak_gbps
-    table = markdown(rows, name, args.dtype, peak)
+    tf32 = args.tf32 and dtype == torch.float32 and device.type == "cuda"  # TF32 is a CUDA mode
+    precision = "float32 with TF32 products" if tf32 else args.dtype
+    table = markdown(rows, name, precision, peak)
     step_rows = stlora_step(args.stlora_step, args.step_batch, device, 2, 5) if args.stlora_step else []
     if step_rows:
         table += markdown_step(step_rows)
     print(table)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        stem = args.out / f"node_lora_op_{args.dtype}"
+        stem = args.out / f"node_lora_op_{args.dtype}{'_tf32' if tf32 else ''}"
         stem.with_suffix(".md").write_text(table)
         stem.with_suffix(".json").write_text(json.dumps(
             {"device": name, "torch": torch.__version__, "rows": rows, "stlora_step": step_rows}, indent=2) + "\n")

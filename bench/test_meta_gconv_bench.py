@@ -21,7 +21,7 @@ SHAPES = {  # name: (B, N, C, K, D, O)
     "PEMS07": (16, 883, 67, 2, 16, 128),
 }
 AXES = ("S", "T", "ST")
-CANDIDATES = ("reference", "torch", "cpu", "triton")
+CANDIDATES = ("reference", "torch", "cpu", "triton", "cuda")
 
 
 def make_inputs(shape, axis, device):

@@ -417,13 +417,31 @@ def test_cuda_matches_torch_fp32(axis, support_kind, cheb_k, batch, nodes, chann
 
 
 @needs_cuda_ext
+@pytest.mark.parametrize("tensor_cores", [True, False], ids=["tensor_cores", "simt"])
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 3e-2), (torch.float16, 5e-3)])
-def test_cuda_half_precision_accumulates_in_fp32(dtype, tol):
+def test_cuda_half_precision_accumulates_in_fp32(dtype, tol, tensor_cores):
     inputs = make_inputs("ST", "per_sample", 2, 2, 67, 5, 3, 70, device="cuda", dtype=dtype)
     grad_out = grad_like(inputs)
-    got = run("cuda", inputs, 2, "tanh", "ST", grad_out)
+    with ops.cuda_tensor_cores(tensor_cores):
+        got = run("cuda", inputs, 2, "tanh", "ST", grad_out)
     want = expected(inputs, 2, "tanh", "ST", grad_out)
     assert_matches(got, want, rtol=tol, atol=tol)
+
+
+@needs_cuda_ext
+def test_cuda_fp32_uses_tf32_only_where_torch_allows_it(monkeypatch):
+    inputs = make_inputs("ST", "per_sample", 2, 2, 67, 5, 3, 70, device="cuda")
+    grad_out = grad_like(inputs)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    ieee = run("cuda", inputs, 2, "tanh", "ST", grad_out)
+    with ops.cuda_tensor_cores(False):
+        simt = run("cuda", inputs, 2, "tanh", "ST", grad_out)
+    assert torch.equal(ieee[0], simt[0]) and all(torch.equal(a, b) for a, b in zip(ieee[1], simt[1]) if a is not None)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    tf32 = run("cuda", inputs, 2, "tanh", "ST", grad_out)
+    assert_matches(tf32, expected(inputs, 2, "tanh", "ST", grad_out), rtol=1e-2, atol=1e-2)
+    if torch.cuda.get_device_capability()[0] >= 8:  # the tensor-core path ran: TF32 rounding shows
+        assert not torch.equal(tf32[0], ieee[0])
 
 
 @needs_cuda_ext
@@ -448,6 +466,22 @@ def test_cuda_gradcheck_float64_and_determinism(axis):
 def test_opcheck_with_cuda_backend():
     inputs = [t.requires_grad_() for t in make_inputs("ST", "per_sample", 2, 2, 5, device="cuda")]
     torch.library.opcheck(torch.ops.stfast.meta_gconv.default, (*inputs, 2, "tanh", "ST", "cuda"))
+
+
+def test_cuda_tensor_cores_switch_sets_and_restores_the_environment(monkeypatch):
+    monkeypatch.delenv(_ext.TENSOR_CORES_ENV, raising=False)
+    with ops.cuda_tensor_cores(False):
+        assert os.environ[_ext.TENSOR_CORES_ENV] == "0"
+        with ops.cuda_tensor_cores(True):
+            assert os.environ[_ext.TENSOR_CORES_ENV] == "1"
+        assert os.environ[_ext.TENSOR_CORES_ENV] == "0"
+    assert _ext.TENSOR_CORES_ENV not in os.environ
+    monkeypatch.setenv(_ext.TENSOR_CORES_ENV, "0")
+    with pytest.raises(RuntimeError, match="inside"), ops.cuda_tensor_cores(True):
+        raise RuntimeError("inside")
+    assert os.environ[_ext.TENSOR_CORES_ENV] == "0"
+    with pytest.raises(TypeError, match="enabled: expected a bool, got int"), ops.cuda_tensor_cores(1):
+        pass
 
 
 def test_every_case_list_covers_every_axis_and_support_kind():

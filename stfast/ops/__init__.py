@@ -4,15 +4,18 @@ Graph convolutions: :func:`meta_gconv` (weights generated from embeddings per no
 or per (sample, node), never materialised) and :func:`gconv` (plain Chebyshev convolution).
 Node-adaptive low-rank linear: :func:`node_lora` (a shared layer plus one low-rank adapter per node).
 Backend selection: :func:`available_backends`, :func:`set_backend`, :func:`use_backend`,
-:func:`current_backend` and the ``STFAST_BACKEND`` environment variable.
+:func:`current_backend` and the ``STFAST_BACKEND`` environment variable; :func:`cuda_tensor_cores`
+turns the CUDA kernels' tensor-core path off (or back on) for a block.
 """
 
+from ._ext import cuda_tensor_cores
 from .backends import available_backends, current_backend, resolve_backend, set_backend, use_backend
 from .meta_gconv import gconv, meta_gconv
 from .node_lora import node_lora
 
 __all__ = [
     "available_backends",
+    "cuda_tensor_cores",
     "current_backend",
     "gconv",
     "meta_gconv",

@@ -19,12 +19,17 @@ backend is considered for a tensor on that device):
    is found; ``STFAST_CUDA_ARCH`` (e.g. ``"9.0"`` or ``"8.0;9.0"``) sets the arch list.
    ``STFAST_EXT_VERBOSE=1`` shows the compiler output.
 
+The CUDA kernels have a tensor-core path (sm_80+: fp16 / bf16 always, fp32 as TF32 where torch
+allows TF32 matmuls); ``STFAST_CUDA_TENSOR_CORES=0``, or :func:`cuda_tensor_cores` (False) for a
+block, makes them run their SIMT kernels instead.
+
 When nothing loads, the reason is kept and reported by ``stfast.ops.available_backends()``; every
 other backend keeps working.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import os
@@ -58,6 +63,7 @@ SKIP_ENV = "STFAST_SKIP_EXT"
 CACHE_ENV = "STFAST_EXT_CACHE"
 ARCH_ENV = "STFAST_CUDA_ARCH"
 VERBOSE_ENV = "STFAST_EXT_VERBOSE"
+TENSOR_CORES_ENV = "STFAST_CUDA_TENSOR_CORES"  # read by the CUDA glue at every call (cuda_glue.h)
 
 # How the CPU kernels organise the meta GEMM: "auto" (grouped for S / T, outer for ST), "outer" or
 # "grouped" (see csrc/README.md). The CUDA kernels always use "outer". Tests switch it.
@@ -252,6 +258,24 @@ def status(kind: str) -> bool | str:
         why = toolkit if toolkit is not True else "it was built before CUDA was available"
         return f"the stfast extension was built without CUDA kernels ({why})"
     return True
+
+
+@contextlib.contextmanager
+def cuda_tensor_cores(enabled: bool):
+    """Inside the block the ``cuda`` kernels take their tensor-core path where they can (``True``,
+    the default behaviour) or always run their SIMT kernels (``False``: for comparisons and
+    benchmarks). It sets ``STFAST_CUDA_TENSOR_CORES``, which is process-wide, and restores it after."""
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled: expected a bool, got {type(enabled).__name__}")
+    previous = os.environ.get(TENSOR_CORES_ENV)
+    os.environ[TENSOR_CORES_ENV] = "1" if enabled else "0"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(TENSOR_CORES_ENV, None)
+        else:
+            os.environ[TENSOR_CORES_ENV] = previous
 
 
 # torch.compile traces the backend selection: evaluate status() while tracing and treat its result

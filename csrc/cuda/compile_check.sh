@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Compile-only check of the CUDA sources on a machine without a GPU (CI):
-#   1. every csrc/cuda/*.cu with nvcc -c (arch: $STFAST_NVCC_CHECK_ARCH, default sm_90);
+#   1. every csrc/cuda/*.cu with nvcc -c for each arch of $STFAST_NVCC_CHECK_ARCH (default "sm_90
+#      sm_75": Hopper, and the oldest arch CUDA 13 supports, which lacks bf16 / TF32 WMMA, so that
+#      the tensor-core kernels' arch guards are compiled too);
 #   2. the torch glue (csrc/cuda/*.cpp) with the host compiler, -fsyntax-only, against torch's
 #      headers and the CUDA runtime headers (a CPU build of torch lacks c10's generated
 #      cuda_cmake_macros.h: an empty stand-in is supplied).
@@ -11,12 +13,14 @@ if ! command -v nvcc >/dev/null 2>&1; then
     echo "compile_check: nvcc not found, CUDA sources not compiled"
     exit 0
 fi
-arch="${STFAST_NVCC_CHECK_ARCH:-sm_90}"
+archs="${STFAST_NVCC_CHECK_ARCH:-sm_90 sm_75}"
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
-for source in csrc/cuda/*.cu; do
-    echo "compile_check: nvcc -c -arch=$arch $source"
-    nvcc -c -std=c++17 -O1 -arch="$arch" -DSTFAST_WITH_CUDA -Icsrc "$source" -o "$tmp/$(basename "$source" .cu).o"
+for arch in $archs; do
+    for source in csrc/cuda/*.cu; do
+        echo "compile_check: nvcc -c -arch=$arch $source"
+        nvcc -c -std=c++17 -O1 -arch="$arch" -DSTFAST_WITH_CUDA -Icsrc "$source" -o "$tmp/$(basename "$source" .cu).o"
+    done
 done
 cuda_include=""
 for home in "${CUDA_HOME:-}" "$(python -c 'from torch.utils.cpp_extension import CUDA_HOME; print(CUDA_HOME or "")')" \

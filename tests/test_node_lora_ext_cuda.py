@@ -165,16 +165,35 @@ def test_ext_op_accepts_non_contiguous_inputs():
 # ---------------------------------------------------------------- half precision, float64, determinism
 
 @needs_cuda_ext
+@pytest.mark.parametrize("tensor_cores", [True, False], ids=["tensor_cores", "simt"])
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 3e-2), (torch.float16, 5e-3)])
 @pytest.mark.parametrize("activation", ["leaky_relu", "sigmoid"])
-def test_cuda_half_precision_accumulates_in_fp32(dtype, tol, activation):
+def test_cuda_half_precision_accumulates_in_fp32(dtype, tol, activation, tensor_cores):
     inputs = make_inputs((3,), 37, 67, 70, 16, dtype=dtype)
     grad_out = grad_like(inputs)
-    got = run("cuda", inputs, 0.5, activation, grad_out)
+    with ops.cuda_tensor_cores(tensor_cores):
+        got = run("cuda", inputs, 0.5, activation, grad_out)
     assert got[0].dtype == dtype and all(g.dtype == dtype for g in got[1] if g is not None)
     fp32 = [None if t is None else t.float() for t in inputs]  # the same values, computed in fp32
     want = run("torch", fp32, 0.5, activation, grad_out.float())
     assert_matches(got, want, rtol=tol, atol=tol)
+
+
+@needs_cuda_ext
+def test_cuda_fp32_uses_tf32_only_where_torch_allows_it():
+    inputs = make_inputs((4, 16), 37, 67, 70, 16)  # 2368 rows: several dW / db slices
+    grad_out = grad_like(inputs)
+    ieee = run("cuda", inputs, 0.5, "tanh", grad_out, dropout_p=0.2)  # the fixture turned TF32 off
+    with ops.cuda_tensor_cores(False):
+        simt = run("cuda", inputs, 0.5, "tanh", grad_out, dropout_p=0.2)
+    assert torch.equal(ieee[0], simt[0]) and all(torch.equal(a, b) for a, b in zip(ieee[1], simt[1]))
+    torch.backends.cuda.matmul.allow_tf32 = True  # the fixture restores it
+    tf32 = run("cuda", inputs, 0.5, "tanh", grad_out, dropout_p=0.2)
+    again = run("cuda", inputs, 0.5, "tanh", grad_out, dropout_p=0.2)
+    assert torch.equal(tf32[0], again[0]) and all(torch.equal(a, b) for a, b in zip(tf32[1], again[1]))
+    assert_matches(tf32, ieee, rtol=1e-2, atol=1e-2)
+    if torch.cuda.get_device_capability()[0] >= 8:  # the tensor-core path ran: TF32 rounding shows
+        assert not torch.equal(tf32[0], ieee[0])
 
 
 @needs_cuda_ext

@@ -195,14 +195,31 @@ LORA_CASES = {
     "no_outputs": LoraCase(4, 2, 5, 0, 3, 3),
     "identity_multislice_dropout": LoraCase(300, 4, 9, 10, 2, 0, dropout_p=0.1, seed=9, offset=3, multi_slice=True),
     "tanh_37nodes_nobias": LoraCase(7, 37, 13, 5, 16, 3, bias=False, scale=0.25),
+    "leaky_rank70_two_output_tiles": LoraCase(9, 2, 20, 70, 70, 1, scale=0.8),  # two rank chunks of the tc forward
 }
 LORA_FP64 = ("sigmoid_rank37_dropout", "relu_rank64_dropout", "no_inputs_dropout", "identity_multislice_dropout")
 LORA_HALF = ("sigmoid_rank37_dropout",)  # fp16 and bf16 (storage types; the kernels compute in fp32)
+# The tensor-core (WMMA) forward / dx / dW kernels, emulated by tests/cuda_emulation/shim/mma.h. fp32 (as
+# TF32) only with activations whose fp32 value torch reproduces bit for bit (identity, leaky relu, relu):
+# the forward rounds scale * act(h) to TF32, so the reference must compute it exactly as the kernel does;
+# fp16 / bf16 tolerances absorb a one-ulp difference of sigmoid / tanh.
+LORA_TENSOR_CORES = {
+    "leaky_rank1": (torch.float32,),
+    "sigmoid_rank37_dropout": (torch.float16, torch.bfloat16),
+    "tanh_single_element_nobias": (torch.bfloat16,),
+    "relu_rank64_dropout": (torch.float32,),
+    "no_rows": (torch.float16,),
+    "no_inputs_dropout": (torch.float32,),
+    "identity_multislice_dropout": (torch.float32,),
+    "leaky_rank70_two_output_tiles": (torch.float32, torch.bfloat16),
+}
 LORA_PARAMS = (
-    [pytest.param(name, torch.float32, id=f"{name}-fp32") for name in LORA_CASES]
-    + [pytest.param(name, torch.float64, id=f"{name}-fp64") for name in LORA_FP64]
-    + [pytest.param(name, dtype, id=f"{name}-{str(dtype)[6:]}") for name in LORA_HALF
+    [pytest.param(name, torch.float32, False, id=f"{name}-fp32") for name in LORA_CASES]
+    + [pytest.param(name, torch.float64, False, id=f"{name}-fp64") for name in LORA_FP64]
+    + [pytest.param(name, dtype, False, id=f"{name}-{str(dtype)[6:]}") for name in LORA_HALF
        for dtype in (torch.float16, torch.bfloat16)]
+    + [pytest.param(name, dtype, True, id=f"{name}-{str(dtype)[6:]}-tensor_cores")
+       for name, dtypes in LORA_TENSOR_CORES.items() for dtype in dtypes]
 )
 
 
@@ -238,8 +255,40 @@ def node_lora_reference(t: dict, mask: torch.Tensor, case: LoraCase) -> dict:
     }
 
 
-@pytest.mark.parametrize("name, dtype", LORA_PARAMS)
-def test_node_lora_kernels(harness, tmp_path, name, dtype):
+def node_lora_tensor_core_reference(t: dict, mask: torch.Tensor, grad_h: torch.Tensor, case: LoraCase,
+                                    dtype: torch.dtype) -> dict:
+    """y, dx and dW / db as the tensor-core kernels compute them, from their MMA operands rounded as the
+    kernels round them (tensor_core_operand), in float64 but for the forward's h (see below).
+
+    dx takes the kernels' own grad_h (fp32, from the SIMT low-rank kernel), as the dx kernel does.
+    """
+    def op(v):
+        return tensor_core_operand(v.float(), dtype)
+
+    x32 = t["x"].float()
+    mult = torch.where(mask != 0, torch.tensor(1.0 / (1.0 - case.dropout_p), dtype=torch.float32), 0.0)
+    x_op, w_op, a_op, b_op, g_op = op(x32), op(t["weight"]), op(t["lora_a"]), op(t["lora_b"]), op(t["grad"])
+    dropped_op = op(x32 * mult)  # drop(x) formed in fp32, then rounded
+    # h as the emulated MMA forms it: exact products of the operands (fp32 holds them), summed in fp32 in
+    # k order; then scale * act(h) in fp32, rounded to the operand type (a step the reference cannot
+    # take from a differently rounded h).
+    h = torch.zeros(case.M, case.N, case.R, dtype=torch.float32)
+    for k in range(case.K):
+        h = h + dropped_op[:, :, k, None].float() * a_op[None, :, k, :].float()
+    scaled = torch.tensor(case.scale, dtype=torch.float32) * NODE_LORA_ACTIVATIONS[case.activation](h)
+    y = x_op @ w_op.T + torch.einsum("mnr,nro->mno", op(scaled), b_op)
+    if case.bias:
+        y = y + t["bias"].double()
+    lowrank_dx = torch.einsum("mnr,nkr->mnk", op(grad_h.reshape(case.M, case.N, case.R)), a_op)
+    dx = lowrank_dx * mult.double() + g_op @ w_op
+    g_rows, x_rows = g_op.reshape(case.M * case.N, case.O), x_op.reshape(case.M * case.N, case.K)
+    dw = g_rows.T @ x_rows
+    db = g_rows.sum(0)
+    return {"y": y, "dx": dx, "dw_weight": dw, "dw_bias": db, "dw_full": torch.cat([dw, db[:, None]], dim=1)}
+
+
+@pytest.mark.parametrize("name, dtype, tensor_cores", LORA_PARAMS)
+def test_node_lora_kernels(harness, tmp_path, name, dtype, tensor_cores):
     case = LORA_CASES[name]
     M, N, K, O, R = case.M, case.N, case.K, case.O, case.R
     inputs = random_inputs(len(name), dtype, x=(M, N, K), weight=(O, K), bias=(O,), lora_a=(N, K, R),
@@ -249,17 +298,26 @@ def test_node_lora_kernels(harness, tmp_path, name, dtype):
     mask = dropout_mask(inputs["x"], case)
     spec = {"op": "node_lora", "dtype": DTYPE_CODES[dtype], "M": M, "N": N, "K": K, "O": O, "R": R,
             "activation": case.activation, "scale": repr(case.scale), "dropout_p": repr(case.dropout_p),
-            "seed": case.seed, "offset": case.offset, "bias": int(case.bias), "shuffle_seed": 7}
+            "seed": case.seed, "offset": case.offset, "bias": int(case.bias), "tensor_cores": int(tensor_cores),
+            "shuffle_seed": 7}
     run = run_case(harness, tmp_path / "case", spec, inputs)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     outputs = {"y": dtype, "grad_h": acc, "scaled_a": acc, "dx": dtype, "d_lora_a": dtype, "d_lora_b": dtype,
                "dw_full": dtype, "dw_weight": dtype, "dw_bias": dtype, "mask": dtype}
     check_orders(run, [*outputs, "grad_h_only", "scaled_a_only", "dw_full_parts", "dw_weight_parts", "dw_bias_parts"])
 
-    reference = node_lora_reference(inputs, mask, case)
+    exact = node_lora_reference(inputs, mask, case)
+    reference = dict(exact)
+    if tensor_cores:
+        reference.update(node_lora_tensor_core_reference(inputs, mask, run.get("grad_h", acc), case, dtype))
     for out, out_dtype in outputs.items():
         tol = 0.0 if out == "mask" else TOLERANCE[dtype]
         check_close(out, run.get(out, out_dtype), reference[out].detach(), tol)
+    if tensor_cores and dtype == torch.float32 and M * N * K * O:
+        # the operands' TF32 rounding shows beyond fp32 accuracy: these are the tensor-core kernels
+        for out in ("y", "dx", "dw_weight"):
+            error = (run.get(out, dtype).double() - exact[out].detach().reshape(-1)).abs().max()
+            assert error > 10 * TOLERANCE[dtype] * max(1.0, exact[out].abs().max().item()), out
     # the CUDA mask is the CPU extension's, bit for bit
     assert torch.equal(run.get("mask", dtype), mask.reshape(-1))
     # the single-output variants of the low-rank kernel agree bitwise with the joint one

@@ -35,7 +35,7 @@ float dropout_inv_keep(double dropout_p) {
   return static_cast<float>(1.0 / (1.0 - dropout_p));
 }
 
-stfast_cuda::NodeLoraDims kernel_dims(const LoraShape& s) {
+stfast_cuda::NodeLoraDims kernel_dims(const LoraShape& s, at::ScalarType dtype) {
   stfast_cuda::NodeLoraDims dims{};
   dims.M = s.M;
   dims.N = s.N;
@@ -48,6 +48,7 @@ stfast_cuda::NodeLoraDims kernel_dims(const LoraShape& s) {
   dims.inv_keep = dropout_inv_keep(s.dropout_p);
   dims.seed = s.seed;
   dims.offset = s.offset;
+  dims.tensor_cores = cuda_glue::use_tensor_cores(dtype) ? 1 : 0;
   return dims;
 }
 
@@ -75,7 +76,8 @@ at::Tensor node_lora_fwd_cuda(const at::Tensor& x, const at::Tensor& weight, con
   at::Tensor out = at::empty(with_last_size(x, s.O), x.options());
   check_launch(op, "node_lora_fwd",
                stfast_cuda::node_lora_forward(dtype, xc.data_ptr(), w.data_ptr(), data_or_null(b), la.data_ptr(),
-                                              lb.data_ptr(), out.data_ptr(), kernel_dims(s), current_stream()));
+                                              lb.data_ptr(), out.data_ptr(), kernel_dims(s, x.scalar_type()),
+                                              current_stream()));
   return out;
 }
 
@@ -97,7 +99,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> node_lora
 
   const at::Tensor xc = x.contiguous();
   const at::Tensor g = grad.contiguous();
-  const auto dims = kernel_dims(s);
+  const auto dims = kernel_dims(s, x.scalar_type());
   const cudaStream_t stream = current_stream();
   const at::Tensor empty = x.new_empty({0});
   at::Tensor d_x = empty, d_weight = empty, d_bias = empty, d_a = empty, d_b = empty;

@@ -3,12 +3,16 @@
 //
 //   y[m, n] = x[m, n] W^T + bias + scale * act(drop(x[m, n]) A[n]) B[n]
 //
-// Every kernel is a tiled SIMT FMA product on 256 threads (16 x 16); thread (ti, tj) owns the
-// outputs (ti + 16 i, tj + 16 j) of its block's tile. The reduction runs kChunk = 32 deep at a time:
-// both operands of a chunk are staged in shared memory (transposed where needed, rows padded by one
-// against bank conflicts), read with coalesced loads (the staging walks whichever index is
-// contiguous in global memory), then multiplied from shared memory into registers. fp16 / bf16 are
+// Two paths. The SIMT kernels (every dtype) are tiled FMA products on 256 threads (16 x 16); thread
+// (ti, tj) owns the outputs (ti + 16 i, tj + 16 j) of its block's tile. The reduction runs kChunk = 32
+// deep at a time: both operands of a chunk are staged in shared memory (transposed where needed, rows
+// padded by one against bank conflicts), read with coalesced loads (the staging walks whichever index
+// is contiguous in global memory), then multiplied from shared memory into registers. fp16 / bf16 are
 // converted to fp32 when staged and accumulated in fp32 (fp64 for fp64); results are rounded once.
+// The tensor-core kernels (WMMA, tensor_core_tile.cuh; section "tensor-core kernels" below) replace
+// the forward, dx and dW / db for fp16 / bf16 and, as TF32, fp32 when NodeLoraDims::tensor_cores is
+// set (the glue sets it on sm_80+, for fp32 only where torch allows TF32 matmuls); the low-rank rows,
+// dA and dB (R-wide outputs) are always SIMT.
 //
 // Forward: one block per (node n, 32 rows m of that node). Per 64-wide output tile it accumulates
 // x_tile W^T, then for each chunk of 32 ranks forms h = drop(x_tile) A[n][:, chunk] (fully reduced
@@ -26,13 +30,22 @@
 //   dW / db  per (64 of O, 64 columns of [x, 1], row slice): g^T [x, 1] over the slice's rows into a
 //            partial buffer, then sum_parts (cuda_common.cu) adds the slices in order.
 //
-// Determinism: no atomics; every output element is written by one thread that reduces in a fixed
-// order, and the only cross-block reduction (dW / db over row slices) goes through partial buffers
-// summed in slice order. Bitwise reproducible for the same inputs, shapes and GPU.
+// Tensor-core forward: one block per (node n, 64 rows); per 64-wide output tile acc = x W^T, then
+// per chunk of 64 ranks h = drop(x) A[n] on tensor cores as well, scale * act(h) rounded to the MMA
+// operand type into shared memory (kept for every output tile when R <= 64), acc += that B[n]. dx: per
+// (n, 64 rows, 64 of K), grad_h A[n]^T, times the dropout multipliers through shared memory, then
+// += g W in the same accumulators. dW / db: per (64 of O, 64 of [x, 1], row slice), as the SIMT one.
+// The MMA operands are rounded (TF32 for fp32; grad_h, kept in fp32, to the storage type), so the
+// tensor-core forward's h differs from the one the low-rank backward kernel recomputes in fp32 at that
+// rounding level, as with any TF32 / half matmul.
 //
-// Honest status (first version): SIMT FMA tiles, NOT tensor cores (WMMA / mma.sync for bf16 / fp16
-// and TF32 is the next step). Compiled with nvcc (csrc/cuda/compile_check.sh, CI) but not yet run on
-// a GPU: tests/test_node_lora_ext_cuda.py checks them on a GPU machine.
+// Determinism: no atomics; every output element is reduced in a fixed order by one thread (or one
+// warp's MMAs), and the only cross-block reduction (dW / db over row slices) goes through partial
+// buffers summed in slice order. Bitwise reproducible for the same inputs, shapes, GPU and path.
+//
+// Status: both paths compile with nvcc (csrc/cuda/compile_check.sh, CI) and run in the CPU emulation
+// of tests/test_cuda_emulation.py (the WMMA calls through tests/cuda_emulation/shim/mma.h); neither
+// has run on a GPU yet: tests/test_node_lora_ext_cuda.py checks them on a GPU machine.
 #include "node_lora_kernels.h"
 
 #include <cuda_bf16.h>
@@ -41,8 +54,10 @@
 
 #include <algorithm>
 #include <climits>
+#include <type_traits>
 
 #include "../node_lora_math.h"
+#include "tensor_core_tile.cuh"
 
 namespace stfast_cuda {
 namespace {
@@ -444,6 +459,22 @@ __global__ void __launch_bounds__(kThreads)
 
 // ---------------------------------------------------------------- backward: dW and db partials
 
+// The dW / db block's (O, C) tile (blockIdx.x walks the tiles, C fastest) and row slice (blockIdx.y).
+struct DwBlock {
+  int64_t o0, c0, slice, begin, len;
+};
+__device__ __forceinline__ DwBlock dw_block(int64_t tile, int64_t C, int64_t rows, int64_t rows_per_slice) {
+  const int64_t c_tiles = ceil_div(C, tile);
+  DwBlock b;
+  b.o0 = (static_cast<int64_t>(blockIdx.x) / c_tiles) * tile;
+  b.c0 = (static_cast<int64_t>(blockIdx.x) % c_tiles) * tile;
+  b.slice = blockIdx.y;
+  b.begin = b.slice * rows_per_slice;
+  const int64_t end = b.begin + rows_per_slice < rows ? b.begin + rows_per_slice : rows;
+  b.len = end > b.begin ? end - b.begin : 0;
+  return b;
+}
+
 // Grid (ceil(O / 64) * ceil(C / 64), slices): block owns parts[slice][o0.., c0..] and reduces over
 // the rows of its slice in order. Column c < x_columns is x[:, c]; c == x_columns (with
 // ones_column) is 1, which makes that column the row sum of g: db.
@@ -457,13 +488,8 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ A rs[Staged<kColTile>::kSize];
   const int64_t O = d.O, K = d.K, rows = d.M * d.N;
   const int64_t C = x_columns + (ones_column ? 1 : 0);
-  const int64_t c_tiles = ceil_div(C, kColTile);
-  const int64_t o0 = (static_cast<int64_t>(blockIdx.x) / c_tiles) * kColTile;
-  const int64_t c0 = (static_cast<int64_t>(blockIdx.x) % c_tiles) * kColTile;
-  const int64_t slice = blockIdx.y;
-  const int64_t begin = slice * rows_per_slice;
-  const int64_t end = begin + rows_per_slice < rows ? begin + rows_per_slice : rows;
-  const int64_t len = end > begin ? end - begin : 0;
+  const DwBlock blk = dw_block(kColTile, C, rows, rows_per_slice);
+  const int64_t o0 = blk.o0, c0 = blk.c0, slice = blk.slice, begin = blk.begin, len = blk.len;
 
   A acc[kColSub][kColSub];
   zero(acc);
@@ -483,6 +509,300 @@ __global__ void __launch_bounds__(kThreads)
       });
   A* part = parts + slice * O * C;
   for_owned<kColSub, kColSub>(o0, O, c0, C, [&](int64_t o, int64_t c, int i, int j) { part[o * C + c] = acc[i][j]; });
+}
+
+// ---------------------------------------------------------------- tensor-core kernels
+//
+// The forward, dx and dW / db products on tensor cores (tensor_core_tile.cuh): a 256-thread block
+// accumulates a 64 x 64 fp32 tile from operands staged kTcDepth deep in shared memory in the MMA operand
+// type (fp16 / bf16 as themselves, fp32 rounded to TF32); the tile goes through shared memory (aliasing
+// the staging buffers) for the epilogue. Each step multiplies only as deep as the remaining reduction
+// rounded up to the MMA depth, so a rank-1 expand costs one 8- (TF32) or 16-deep step, not 32.
+
+constexpr int kTcTile = 64;   // TensorCoreTile's side: rows of a node per block, 64 outputs / ranks
+
+#if STFAST_TENSOR_CORES
+
+using detail::kAccumulatorPad;
+using detail::kOperandPad;
+using detail::TensorCoreTile;
+namespace wmma = detail::wmma;
+
+constexpr int kTcDepth = 32;  // reduction depth staged per step: 2 (fp16 / bf16) or 4 (TF32) MMA steps
+
+constexpr int kTcLdc = kTcTile + kAccumulatorPad;
+
+// Leading dimensions of a staged 64 x kTcDepth operand (row-major) and of a kTcDepth x 64 one (also
+// of the 64 x 64 intermediate of the forward).
+template <typename Operand>
+constexpr int kTcLdShort = kTcDepth + kOperandPad<Operand>;
+template <typename Operand>
+constexpr int kTcLdLong = kTcTile + kOperandPad<Operand>;
+
+// Shared-memory bytes of the staging buffers (ls: 64 x kTcLdShort, then rs: kTcDepth x kTcLdLong; a
+// kTcDepth x 64 operand fits in ls too), which the accumulator tile (64 x kTcLdc fp32) aliases.
+template <typename Operand>
+constexpr int kTcStagingBytes =
+    (kTcTile * kTcLdShort<Operand> + kTcDepth * kTcLdLong<Operand>) * static_cast<int>(sizeof(Operand));
+constexpr int kTcAccumulatorBytes = kTcTile * kTcLdc * static_cast<int>(sizeof(float));
+template <typename Operand>
+constexpr int kTcSharedBytes =
+    kTcStagingBytes<Operand> > kTcAccumulatorBytes ? kTcStagingBytes<Operand> : kTcAccumulatorBytes;
+// The forward's scale * act(h) tile (64 rows x 64 ranks), kept next to the staging buffers.
+template <typename Operand>
+constexpr int kTcLowRankBytes = kTcTile * kTcLdLong<Operand> * static_cast<int>(sizeof(Operand));
+static_assert(kTcSharedBytes<float> % 32 == 0 && kTcSharedBytes<__half> % 32 == 0, "hs is 256-bit aligned");
+
+template <typename T>
+using TcOperand = typename TensorCoreTile<T>::Operand;
+
+// MMA depth of a step with `remaining` (> 0) reduction indices left: at most kTcDepth, a multiple of
+// the MMA's k (the staged operands are zero beyond the reduction's end).
+template <typename T>
+__device__ __forceinline__ int tc_depth(int64_t remaining) {
+  constexpr int k = TensorCoreTile<T>::kDepth;
+  return remaining >= kTcDepth ? kTcDepth : static_cast<int>((remaining + k - 1) / k * k);
+}
+
+// s[i * ld + j] = load(i, j) rounded to the operand type, for i < Rows, j < Cols. kColsFast:
+// consecutive threads walk j (the operand is contiguous along j in global memory), else i.
+template <typename T, int Rows, int Cols, bool kColsFast, typename Load>
+__device__ __forceinline__ void tc_stage(TcOperand<T>* s, int ld, const Load& load) {
+  for (int idx = static_cast<int>(threadIdx.x); idx < Rows * Cols; idx += kThreads) {
+    const int i = kColsFast ? idx / Cols : idx % Rows;
+    const int j = kColsFast ? idx % Cols : idx / Rows;
+    s[i * ld + j] = detail::MmaOperand<T>::from(load(i, j));
+  }
+}
+
+// tile += L R over the reduction index red < len, kTcDepth at a time. L (64 x len) is staged into ls
+// row-major (ls[i * kTcLdShort + k]) or, with LLayout col_major, as ls[k * kTcLdLong + i]; R (len x 64)
+// into rs[k * kTcLdLong + j]. load_l(i, red) / load_r(red, j) take tile-local i / j and the global
+// reduction index and return 0 outside their own bounds (in fp32). kLRedFast / kRRedFast: the operand
+// is contiguous along red in global memory. Barrier first in every step (the caller may use the buffers
+// right before), none at the end. Block-uniform: every thread calls it with the same len.
+template <typename T, typename LLayout, bool kLRedFast, bool kRRedFast, typename LoadL, typename LoadR>
+__device__ __forceinline__ void tc_gemm(TensorCoreTile<T>& tile, int64_t len, TcOperand<T>* ls, TcOperand<T>* rs,
+                                        const LoadL& load_l, const LoadR& load_r) {
+  constexpr bool kLRowMajor = std::is_same<LLayout, wmma::row_major>::value;
+  constexpr int lda = kLRowMajor ? kTcLdShort<TcOperand<T>> : kTcLdLong<TcOperand<T>>;
+  constexpr int ldb = kTcLdLong<TcOperand<T>>;
+  for (int64_t k0 = 0; k0 < len; k0 += kTcDepth) {
+    __syncthreads();  // the previous step's operands (or the caller's use of the buffers) are consumed
+    if constexpr (kLRowMajor) {
+      tc_stage<T, kTcTile, kTcDepth, kLRedFast>(ls, lda, [&](int i, int k) -> float {
+        return k0 + k < len ? load_l(i, k0 + k) : 0.0f;
+      });
+    } else {
+      tc_stage<T, kTcDepth, kTcTile, !kLRedFast>(ls, lda, [&](int k, int i) -> float {
+        return k0 + k < len ? load_l(i, k0 + k) : 0.0f;
+      });
+    }
+    tc_stage<T, kTcDepth, kTcTile, !kRRedFast>(rs, ldb, [&](int k, int j) -> float {
+      return k0 + k < len ? load_r(k0 + k, j) : 0.0f;
+    });
+    __syncthreads();
+    tile.template multiply<LLayout>(ls, lda, rs, ldb, tc_depth<T>(len - k0));
+  }
+}
+
+// tile += H R over len <= 64 ranks, H already in shared memory (hs[i * kTcLdLong + r], 64 ranks wide,
+// zero beyond the rank's end); R staged from load_r(r, j) (contiguous along j), as tc_gemm.
+template <typename T, typename LoadR>
+__device__ __forceinline__ void tc_expand(TensorCoreTile<T>& tile, int64_t len, const TcOperand<T>* hs,
+                                          TcOperand<T>* rs, const LoadR& load_r) {
+  constexpr int ld = kTcLdLong<TcOperand<T>>;
+  for (int64_t k0 = 0; k0 < len; k0 += kTcDepth) {
+    __syncthreads();
+    tc_stage<T, kTcDepth, kTcTile, true>(rs, ld, [&](int k, int j) -> float {
+      return k0 + k < len ? load_r(k0 + k, j) : 0.0f;
+    });
+    __syncthreads();
+    tile.template multiply<wmma::row_major>(hs + k0, ld, rs, ld, tc_depth<T>(len - k0));
+  }
+}
+
+// f(i, j) for every element of a 64 x 64 tile whose global position (i0 + i, j0 + j) is inside (ni, nj),
+// spread over the block's threads.
+template <typename F>
+__device__ __forceinline__ void tc_for_tile(int64_t i0, int64_t ni, int64_t j0, int64_t nj, const F& f) {
+  for (int idx = static_cast<int>(threadIdx.x); idx < kTcTile * kTcTile; idx += kThreads) {
+    const int i = idx / kTcTile, j = idx % kTcTile;
+    if (i0 + i < ni && j0 + j < nj) {
+      f(i, j);
+    }
+  }
+}
+
+// Barrier, tile into cs, barrier: cs aliases the staging buffers, which every warp must be done with.
+template <typename T>
+__device__ __forceinline__ void tc_store(const TensorCoreTile<T>& tile, float* cs) {
+  __syncthreads();
+  tile.store(cs, kTcLdc);
+  __syncthreads();
+}
+
+#endif  // STFAST_TENSOR_CORES
+
+// Grid N * ceil(M / 64): block b owns node n = b / m_tiles and rows m0 .. m0+63 of it. Per 64-wide output
+// tile: acc = x W^T (over K); then per chunk of 64 ranks h = drop(x) A[n][:, chunk] on tensor cores
+// (over K, its own tile), scale * act(h) rounded to the operand type into hs (shared memory; with
+// R <= 64 computed once per block and kept for every output tile), acc += hs B[n][chunk, tile]; + bias.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    node_lora_fwd_tc_kernel(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ bias,
+                            const T* __restrict__ la, const T* __restrict__ lb, T* __restrict__ out, NodeLoraDims d) {
+#if STFAST_TENSOR_CORES
+  using Tile = TensorCoreTile<T>;
+  using Operand = TcOperand<T>;
+  constexpr int ldh = kTcLdLong<Operand>;
+  __shared__ __align__(128) unsigned char shared[kTcSharedBytes<Operand> + kTcLowRankBytes<Operand>];
+  Operand* ls = reinterpret_cast<Operand*>(shared);
+  Operand* rs = ls + kTcTile * kTcLdShort<Operand>;
+  float* cs = reinterpret_cast<float*>(shared);                             // a tile: cs[row * kTcLdc + col]
+  Operand* hs = reinterpret_cast<Operand*>(shared + kTcSharedBytes<Operand>);  // hs[row * ldh + rank]
+  const int64_t M = d.M, N = d.N, K = d.K, O = d.O, R = d.R;
+  const int64_t m_tiles = ceil_div(M, kTcTile);
+  const int64_t n = static_cast<int64_t>(blockIdx.x) / m_tiles;
+  const int64_t m0 = (static_cast<int64_t>(blockIdx.x) % m_tiles) * kTcTile;
+  const float scale = static_cast<float>(d.scale);
+  const int64_t r_chunks = ceil_div(R, kTcTile);
+  const auto x_row = [&](int i) { return ((m0 + i) * N + n) * K; };
+
+  Tile acc, h;
+  for (int64_t o0 = 0; o0 < O; o0 += kTcTile) {
+    acc.zero();
+    // Base path: x_tile W^T, both contiguous along k.
+    tc_gemm<T, wmma::row_major, true, true>(
+        acc, K, ls, rs, [&](int i, int64_t k) { return m0 + i < M ? to_acc(x[x_row(i) + k]) : 0.0f; },
+        [&](int64_t k, int j) { return o0 + j < O ? to_acc(w[(o0 + j) * K + k]) : 0.0f; });
+    for (int64_t rc = 0; rc < r_chunks; ++rc) {
+      const int64_t r0 = rc * kTcTile;
+      if (o0 == 0 || r_chunks > 1) {
+        // h = drop(x_tile) A[n][:, r0..]: x contiguous along k, A[n][k, r] along r.
+        h.zero();
+        tc_gemm<T, wmma::row_major, true, false>(
+            h, K, ls, rs, [&](int i, int64_t k) { return m0 + i < M ? load_dropped<float>(x, x_row(i) + k, d) : 0.0f; },
+            [&](int64_t k, int j) { return r0 + j < R ? to_acc(la[(n * K + k) * R + r0 + j]) : 0.0f; });
+        tc_store(h, cs);  // (every thread is done with hs too: the shrink's barriers follow the last expand)
+        for (int idx = static_cast<int>(threadIdx.x); idx < kTcTile * kTcTile; idx += kThreads) {
+          const int i = idx / kTcTile, r = idx % kTcTile;
+          const float v = r0 + r < R ? scale * stfast_math::lora_activate(cs[i * kTcLdc + r], d.activation) : 0.0f;
+          hs[i * ldh + r] = detail::MmaOperand<T>::from(v);
+        }
+      }
+      // acc += hs B[n][r0.., o0..] (B contiguous along the output index); the first step's barrier
+      // publishes hs.
+      tc_expand<T>(acc, R - r0 < kTcTile ? R - r0 : kTcTile, hs, rs, [&](int64_t r, int j) {
+        return o0 + j < O ? to_acc(lb[(n * R + r0 + r) * O + o0 + j]) : 0.0f;
+      });
+    }
+    tc_store(acc, cs);
+    tc_for_tile(m0, M, o0, O, [&](int i, int j) {
+      const float v = cs[i * kTcLdc + j];
+      out[((m0 + i) * N + n) * O + o0 + j] = Store<T>::from(bias != nullptr ? v + to_acc(bias[o0 + j]) : v);
+    });
+  }
+#else
+  __trap();  // never launched: the glue runs tensor-core kernels on sm_80+ only
+#endif
+}
+
+// Grid N * ceil(M / 64) * ceil(K / 64): block owns node n, rows m0.., input columns k0... As the SIMT
+// kernel: tile = grad_h A[n]^T (over R), times the dropout multipliers (through shared memory: a
+// fragment's layout is unspecified), then += g W (over O) in the same accumulators.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    node_lora_bwd_dx_tc_kernel(const T* __restrict__ g, const T* __restrict__ w, const T* __restrict__ la,
+                               const float* __restrict__ grad_h, T* __restrict__ dx, NodeLoraDims d) {
+#if STFAST_TENSOR_CORES
+  using Tile = TensorCoreTile<T>;
+  using Operand = TcOperand<T>;
+  __shared__ __align__(128) unsigned char shared[kTcSharedBytes<Operand>];
+  Operand* ls = reinterpret_cast<Operand*>(shared);
+  Operand* rs = ls + kTcTile * kTcLdShort<Operand>;
+  float* cs = reinterpret_cast<float*>(shared);
+  const int64_t M = d.M, N = d.N, K = d.K, O = d.O, R = d.R;
+  const int64_t m_tiles = ceil_div(M, kTcTile);
+  const int64_t k_tiles = ceil_div(K, kTcTile);
+  const int64_t b = blockIdx.x;
+  const int64_t n = b / (m_tiles * k_tiles);
+  const int64_t rest = b % (m_tiles * k_tiles);
+  const int64_t m0 = (rest / k_tiles) * kTcTile;
+  const int64_t k0 = (rest % k_tiles) * kTcTile;
+  const auto row = [&](int i) { return (m0 + i) * N + n; };
+
+  Tile tile;
+  tile.zero();
+  // grad_h[row, r] and A[n][k, r]: both contiguous along r.
+  tc_gemm<T, wmma::row_major, true, true>(
+      tile, R, ls, rs, [&](int i, int64_t r) { return m0 + i < M ? grad_h[row(i) * R + r] : 0.0f; },
+      [&](int64_t r, int j) { return k0 + j < K ? to_acc(la[(n * K + k0 + j) * R + r]) : 0.0f; });
+  if (d.dropout_p > 0.0f) {
+    tc_store(tile, cs);
+    tc_for_tile(m0, M, k0, K, [&](int i, int j) {
+      cs[i * kTcLdc + j] *= dropout_mult<float>(d, row(i) * K + k0 + j);
+    });
+    __syncthreads();
+    tile.load(cs, kTcLdc);  // the next staging starts with a barrier: every warp has loaded by then
+  }
+  // g[row, o] contiguous along o; W[o, k] along the output column k.
+  tc_gemm<T, wmma::row_major, true, false>(
+      tile, O, ls, rs, [&](int i, int64_t o) { return m0 + i < M ? to_acc(g[row(i) * O + o]) : 0.0f; },
+      [&](int64_t o, int j) { return k0 + j < K ? to_acc(w[o * K + k0 + j]) : 0.0f; });
+  tc_store(tile, cs);
+  tc_for_tile(m0, M, k0, K, [&](int i, int j) { dx[row(i) * K + k0 + j] = Store<T>::from(cs[i * kTcLdc + j]); });
+#else
+  __trap();  // never launched: the glue runs tensor-core kernels on sm_80+ only
+#endif
+}
+
+// Grid (ceil(O / 64) * ceil(C / 64), slices), as the SIMT kernel: block owns parts[slice][o0.., c0..]
+// = g^T z over its slice's rows, A = g chunk read column-major, B = z = [x, 1] chunk.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    node_lora_bwd_dw_tc_kernel(const T* __restrict__ g, const T* __restrict__ x, float* __restrict__ parts,
+                               int64_t x_columns, bool ones_column, int64_t rows_per_slice, NodeLoraDims d) {
+#if STFAST_TENSOR_CORES
+  using Tile = TensorCoreTile<T>;
+  using Operand = TcOperand<T>;
+  __shared__ __align__(128) unsigned char shared[kTcSharedBytes<Operand>];
+  Operand* ls = reinterpret_cast<Operand*>(shared);
+  Operand* rs = ls + kTcTile * kTcLdShort<Operand>;
+  float* cs = reinterpret_cast<float*>(shared);
+  const int64_t O = d.O, K = d.K, rows = d.M * d.N;
+  const int64_t C = x_columns + (ones_column ? 1 : 0);
+  const DwBlock blk = dw_block(kTcTile, C, rows, rows_per_slice);
+  const int64_t o0 = blk.o0, c0 = blk.c0, slice = blk.slice, begin = blk.begin, len = blk.len;
+
+  Tile tile;
+  tile.zero();
+  // g[row, o] contiguous along o (the tile's rows); x[row, c] along c.
+  tc_gemm<T, wmma::col_major, false, false>(
+      tile, len, ls, rs, [&](int i, int64_t t) { return o0 + i < O ? to_acc(g[(begin + t) * O + o0 + i]) : 0.0f; },
+      [&](int64_t t, int j) {
+        const int64_t c = c0 + j;
+        if (c < x_columns) {
+          return to_acc(x[(begin + t) * K + c]);
+        }
+        return (ones_column && c == x_columns) ? 1.0f : 0.0f;
+      });
+  tc_store(tile, cs);
+  float* part = parts + slice * O * C;
+  tc_for_tile(o0, O, c0, C, [&](int i, int j) { part[(o0 + i) * C + c0 + j] = cs[i * kTcLdc + j]; });
+#else
+  __trap();  // never launched: the glue runs tensor-core kernels on sm_80+ only
+#endif
+}
+
+// The tensor-core kernels exist for fp32 (TF32), fp16 and bf16 (their bodies are compiled for sm_80+).
+template <typename T>
+constexpr bool has_tensor_core_path() {
+  return !std::is_same<T, double>::value;
+}
+
+bool tensor_core_launch(DType dtype, const NodeLoraDims& dims) {
+  return dims.tensor_cores != 0 && dtype != DType::kFloat64;
 }
 
 // ---------------------------------------------------------------- dropout mask
@@ -516,8 +836,17 @@ cudaError_t node_lora_forward(DType dtype, const void* x, const void* weight, co
   if (dims.M == 0 || dims.N == 0 || dims.O == 0) {
     return cudaSuccess;
   }
-  return launch_1d(dtype, dims.N * ceil_div(dims.M, kRowTile), [&](auto tag, dim3 grid) {
+  const int64_t row_tile = tensor_core_launch(dtype, dims) ? kTcTile : kRowTile;
+  return launch_1d(dtype, dims.N * ceil_div(dims.M, row_tile), [&](auto tag, dim3 grid) {
     using T = decltype(tag);
+    if constexpr (has_tensor_core_path<T>()) {
+      if (dims.tensor_cores) {
+        node_lora_fwd_tc_kernel<T><<<grid, kThreads, 0, stream>>>(
+            static_cast<const T*>(x), static_cast<const T*>(weight), static_cast<const T*>(bias),
+            static_cast<const T*>(lora_a), static_cast<const T*>(lora_b), static_cast<T*>(out), dims);
+        return;
+      }
+    }
     node_lora_fwd_kernel<T><<<grid, kThreads, 0, stream>>>(
         static_cast<const T*>(x), static_cast<const T*>(weight), static_cast<const T*>(bias),
         static_cast<const T*>(lora_a), static_cast<const T*>(lora_b), static_cast<T*>(out), dims);
@@ -544,9 +873,19 @@ cudaError_t node_lora_backward_dx(DType dtype, const void* grad, const void* wei
   if (dims.M == 0 || dims.N == 0 || dims.K == 0) {
     return cudaSuccess;
   }
-  const int64_t blocks = dims.N * ceil_div(dims.M, kRowTile) * ceil_div(dims.K, kColTile);
+  const bool tc = tensor_core_launch(dtype, dims);
+  const int64_t blocks =
+      dims.N * ceil_div(dims.M, tc ? kTcTile : kRowTile) * ceil_div(dims.K, tc ? kTcTile : kColTile);
   return launch_1d(dtype, blocks, [&](auto tag, dim3 grid) {
     using T = decltype(tag);
+    if constexpr (has_tensor_core_path<T>()) {
+      if (dims.tensor_cores) {
+        node_lora_bwd_dx_tc_kernel<T><<<grid, kThreads, 0, stream>>>(
+            static_cast<const T*>(grad), static_cast<const T*>(weight), static_cast<const T*>(lora_a),
+            static_cast<const float*>(grad_h), static_cast<T*>(dx), dims);
+        return;
+      }
+    }
     node_lora_bwd_dx_kernel<T><<<grid, kThreads, 0, stream>>>(
         static_cast<const T*>(grad), static_cast<const T*>(weight), static_cast<const T*>(lora_a),
         static_cast<const typename Acc<T>::type*>(grad_h), static_cast<T*>(dx), dims);
@@ -604,6 +943,14 @@ cudaError_t node_lora_backward_dw(DType dtype, const void* grad, const void* x, 
   return dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);
     using A = typename Acc<T>::type;
+    if constexpr (has_tensor_core_path<T>()) {
+      if (dims.tensor_cores) {
+        node_lora_bwd_dw_tc_kernel<T><<<grid, kThreads, 0, stream>>>(
+            static_cast<const T*>(grad), static_cast<const T*>(x), static_cast<float*>(dw_parts), x_columns,
+            ones_column, rows_per_slice, dims);
+        return;
+      }
+    }
     node_lora_bwd_dw_kernel<T><<<grid, kThreads, 0, stream>>>(static_cast<const T*>(grad), static_cast<const T*>(x),
                                                                static_cast<A*>(dw_parts), x_columns, ones_column,
                                                                rows_per_slice, dims);

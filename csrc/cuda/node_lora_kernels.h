@@ -32,6 +32,9 @@ struct NodeLoraDims {
   float inv_keep;   // 1 / (1 - p) computed in double and rounded to float (Triton's convention)
   uint64_t seed;
   uint64_t offset;
+  // Non-zero: the tensor-core (WMMA) kernels for the forward, dx and dW / db with fp32 (as TF32) /
+  // fp16 / bf16 (sm_80+; the glue decides); fp64 always runs the SIMT kernels.
+  int tensor_cores;
 };
 
 // y (M, N, O) in `dtype`; bias may be null.

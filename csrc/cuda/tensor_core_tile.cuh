@@ -94,6 +94,14 @@ struct TensorCoreTile {
     }
   }
 
+  // The tile from shared memory, row-major (what store wrote, possibly changed in between).
+  __device__ __forceinline__ void load(const float* c, int ldc) {
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      wmma::load_matrix_sync(acc[j], c + row0() * ldc + col0() + 16 * j, ldc, wmma::mem_row_major);
+    }
+  }
+
   // The tile into shared memory, row-major: c[r * ldc + col].
   __device__ __forceinline__ void store(float* c, int ldc) const {
 #pragma unroll

@@ -140,6 +140,7 @@ void run_node_lora(const Case& c, int order) {
   d.inv_keep = static_cast<float>(1.0 / (1.0 - s.f("dropout_p")));
   d.seed = s.u("seed");
   d.offset = s.u("offset");
+  d.tensor_cores = static_cast<int>(s.i("tensor_cores"));
   const int64_t rows = d.M * d.N, N = d.N, K = d.K, O = d.O, R = d.R;
   const bool has_bias = s.i("bias") != 0;
 

@@ -1,6 +1,7 @@
 // Stand-in for CUDA's <mma.h> (the WMMA API, nvcuda::wmma) in the CPU emulation of the kernels: see
 // ../emu_cuda.h. Only what csrc/cuda uses: fragments of shape 16x16x16 (__half, __nv_bfloat16) and
-// 16x16x8 (precision::tf32) with float accumulators; fill / load / store / mma_sync; __float_to_tf32.
+// 16x16x8 (precision::tf32) with float accumulators; fill / load (operands and accumulators) / store /
+// mma_sync; __float_to_tf32.
 //
 // On a GPU a fragment's elements are spread over the 32 lanes of a warp in an unspecified layout. Here
 // every lane holds the whole tile and computes the whole product (fp32 fma in k order), so a lane's
@@ -95,6 +96,19 @@ void load_matrix_sync(fragment<Use, M, N, K, T, Layout>& f, const E* pointer, un
   detail::check_memory<E>("load_matrix_sync", pointer, ldm);
   for (int r = 0; r < F::kRows; ++r) {
     for (int c = 0; c < F::kCols; ++c) f.at(r, c) = F::kColMajor ? pointer[c * ldm + r] : pointer[r * ldm + c];
+  }
+}
+
+// accumulator: the memory layout is the call's. Every lane reads the whole tile.
+template <int M, int N, int K>
+void load_matrix_sync(fragment<accumulator, M, N, K, float>& f, const float* pointer, unsigned ldm, layout_t layout) {
+  using F = fragment<accumulator, M, N, K, float>;
+  emu::warp_collective("load_matrix_sync", pointer, ldm, layout);
+  detail::check_memory<float>("load_matrix_sync", pointer, ldm);
+  for (int r = 0; r < F::kRows; ++r) {
+    for (int c = 0; c < F::kCols; ++c) {
+      f.at(r, c) = layout == mem_col_major ? pointer[c * ldm + r] : pointer[r * ldm + c];
+    }
   }
 }
 

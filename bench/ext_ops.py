@@ -32,6 +32,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from stfast import ops
+from stfast.benchmarks import roofline
 from stfast.ops import _ext
 from stfast.profiler import describe_device
 from stfast.reference.himnet import HimGCN
@@ -106,7 +107,15 @@ def measure(axes, names, device, repeats, warmup, dtype=torch.float32):
     return rows
 
 
-def markdown(rows, names, device, repeats, skipped, precision="float32") -> str:
+def roofline_works(axis: str, mode: str) -> list:
+    b, n, c, k, d, o = (SHAPE[key] for key in "BNCKDO")
+    forward = roofline.meta_gconv_work(b, n, c, k, d, o, axis, per_sample_supports=True)
+    if mode == "forward":
+        return [forward]
+    return [forward, roofline.meta_gconv_work(b, n, c, k, d, o, axis, per_sample_supports=True, backward=True)]
+
+
+def markdown(rows, names, device, repeats, skipped, precision="float32", roofline_precision="fp32") -> str:
     s = SHAPE
     title = (f"meta_gconv, METR-LA decoder shape (B={s['B']}, N={s['N']}, C={s['C']}, K={s['K']}, D={s['D']}, "
              f"O={s['O']}, per-sample supports), {precision}, device: {describe_device(device)}, "
@@ -115,8 +124,9 @@ def markdown(rows, names, device, repeats, skipped, precision="float32") -> str:
         title,
         "",
         ("| axis | mode | " + " | ".join(names) + " | "
-         + " | ".join(f"{n} vs torch" for n in names if n not in ("reference", "torch")) + " | best vs reference |"),
-        "|---|---|" + "---|" * (len(names) + len([n for n in names if n not in ("reference", "torch")]) + 1),
+         + " | ".join(f"{n} vs torch" for n in names if n not in ("reference", "torch"))
+         + " | best vs reference | best: measured / ideal |"),
+        "|---|---|" + "---|" * (len(names) + len([n for n in names if n not in ("reference", "torch")]) + 2),
     ]
     for row in rows:
         med = {n: statistics.median(t) for n, t in row["times"].items()}
@@ -125,7 +135,11 @@ def markdown(rows, names, device, repeats, skipped, precision="float32") -> str:
                   for n in names if n not in ("reference", "torch")]
         fast = min((v, n) for n, v in med.items() if n != "reference")
         best = f"{med['reference'] / fast[0]:.1f}x ({fast[1]})" if "reference" in med else "n/a"
-        lines.append(f"| {row['axis']} | {row['mode']} | " + " | ".join(cells + ratios) + f" | {best} |")
+        ideal = roofline.measured_over_ideal(fast[0] / 1e3, roofline_works(row["axis"], row["mode"]),
+                                             describe_device(device) if device.type == "cuda" else "",
+                                             roofline_precision)
+        lines.append(f"| {row['axis']} | {row['mode']} | " + " | ".join(cells + ratios)
+                     + f" | {best} | {roofline.format_ratio(ideal)} |")
     for name, why in skipped.items():
         lines.append(f"\n{name}: not run ({why})")
     return "\n".join(lines) + "\n"
@@ -166,7 +180,7 @@ def main(argv=None) -> int:
     rows = measure(args.axes, names, device, args.repeats, args.warmup, dtype)
     tf32 = args.tf32 and dtype == torch.float32 and device.type == "cuda"  # TF32 is a CUDA mode
     precision = "float32 with TF32 products" if tf32 else args.dtype
-    table = markdown(rows, names, device, args.repeats, skipped, precision)
+    table = markdown(rows, names, device, args.repeats, skipped, precision, roofline.precision_of(dtype, tf32))
     print(table)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 
 import stfast.ops as ops
+from stfast.benchmarks import roofline
 from stfast.profiler import describe_device
 
 # Peak DRAM bandwidth in GB/s from NVIDIA's product datasheets (H100 SXM5 HBM3: 3.35 TB/s;
@@ -189,11 +190,22 @@ def peak_gbps(name: str, override):
     return None
 
 
+def add_roofline(rows, device_name: str, precision: str) -> None:
+    """``x_ideal`` per mode: measured time / the roofline's ideal time (stfast.benchmarks.roofline)."""
+    for row in rows:
+        batch, nodes, d_in, d_out, rank = row["shape"]
+        works = {"fwd": [roofline.node_lora_work(batch, nodes, d_in, d_out, rank)]}
+        works["fwd+bwd"] = works["fwd"] + [roofline.node_lora_work(batch, nodes, d_in, d_out, rank, backward=True)]
+        for mode, work in works.items():
+            row[mode]["x_ideal"] = roofline.measured_over_ideal(row[mode]["median_ms"] / 1e3, work, device_name,
+                                                                precision)
+
+
 def markdown(rows, device, dtype, peak) -> str:
     lines = [f"node_lora, {dtype}, device: {device}" + (f" (peak {peak:,.0f} GB/s)" if peak else ""), ""]
     header = ("| shape (B, N, d_in, d_out, r) | method | fwd ms | fwd GB/s | fwd+bwd ms | fwd+bwd GB/s "
-              "| speed-up vs loop (fwd / fwd+bwd) | vs torch (fwd / fwd+bwd) |")
-    lines += [header, "|---|---|---|---|---|---|---|---|"]
+              "| speed-up vs loop (fwd / fwd+bwd) | vs torch (fwd / fwd+bwd) | measured / ideal (fwd / fwd+bwd) |")
+    lines += [header, "|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         def speedup(mode, base_method, row=row):
             base = next((r for r in rows if r["shape"] == row["shape"] and r["method"] == base_method), None)
@@ -206,7 +218,9 @@ def markdown(rows, device, dtype, peak) -> str:
         lines.append(f"| {tuple(row['shape'])} | {row['method']} | {row['fwd']['median_ms']:.3f} | {gbps('fwd')} | "
                      f"{row['fwd+bwd']['median_ms']:.3f} | {gbps('fwd+bwd')} | "
                      f"{speedup('fwd', 'loop')} / {speedup('fwd+bwd', 'loop')} | "
-                     f"{speedup('fwd', 'torch')} / {speedup('fwd+bwd', 'torch')} |")
+                     f"{speedup('fwd', 'torch')} / {speedup('fwd+bwd', 'torch')} | "
+                     f"{roofline.format_ratio(row['fwd'].get('x_ideal'))} / "
+                     f"{roofline.format_ratio(row['fwd+bwd'].get('x_ideal'))} |")
     return "\n".join(lines) + "\n"
 
 
@@ -264,6 +278,7 @@ def main(argv=None) -> int:
     peak = peak_gbps(name, args.peak_gbps) if device.type == "cuda" else args.peak_gbps
     tf32 = args.tf32 and dtype == torch.float32 and device.type == "cuda"  # TF32 is a CUDA mode
     precision = "float32 with TF32 products" if tf32 else args.dtype
+    add_roofline(rows, name if device.type == "cuda" else "", roofline.precision_of(dtype, tf32))
     table = markdown(rows, name, precision, peak)
     step_rows = stlora_step(args.stlora_step, args.step_batch, device, 2, 5) if args.stlora_step else []
     if step_rows:

@@ -63,6 +63,13 @@ bool supported_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
 }
 
+void check_no_zero_size(const char* op, const char* name, const char* layout, at::IntArrayRef sizes) {
+  for (const int64_t size : sizes) {
+    TORCH_CHECK_VALUE(size > 0, op, ": ", name, ": expected every size of ", layout, " to be at least 1, got ", sizes,
+                      " (the stfast.ops functions compute problems with a zero-sized dimension on the torch backend)");
+  }
+}
+
 void check_like_x(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x) {
   TORCH_CHECK_TYPE(t.scalar_type() == x.scalar_type(), op, ": ", name, ": expected dtype ",
                    dtype_name(x.scalar_type()), " (the dtype of x), got ", dtype_name(t.scalar_type()));
@@ -149,6 +156,10 @@ MetaShape check_meta_gconv_inputs(
   check_like_x(op, "weights_pool", weights_pool, x);
   s.O = weights_pool.size(2);
 
+  check_no_zero_size(op, "x", "(B, N, C)", x.sizes());
+  check_no_zero_size(op, "embeddings", axis_shape(axis), embeddings.sizes());
+  check_no_zero_size(op, "weights_pool", "(D, cheb_k*C, O)", weights_pool.sizes());
+
   s.has_bias = bias_pool.has_value() && bias_pool->defined();
   if (s.has_bias) {
     const at::Tensor& pb = *bias_pool;
@@ -204,7 +215,12 @@ std::array<at::Tensor, 2> chebyshev_backward(
     int64_t cheb_k,
     bool need_supports) {
   const int64_t channels = grad_xg.size(-1) / cheb_k;
-  std::vector<at::Tensor> grads = grad_xg.split(channels, -1);
+  // One slice per Chebyshev term, cheb_k of them whatever `channels` is (split(0) would not give cheb_k).
+  std::vector<at::Tensor> grads;
+  grads.reserve(cheb_k);
+  for (int64_t k = 0; k < cheb_k; ++k) {
+    grads.push_back(grad_xg.narrow(-1, k * channels, channels));
+  }
   if (cheb_k == 1) {  // T_0 = I: the supports take no part
     return {grads[0], need_supports ? at::zeros_like(*supports) : at::Tensor()};
   }
@@ -230,8 +246,9 @@ std::array<at::Tensor, 2> chebyshev_backward(
     if (a.dim() == 2) {
       // sum over samples of lhs[b] @ previous[b]^T, as one (N, B*F) @ (B*F, N) GEMM.
       const int64_t nodes = lhs.size(1);
-      grad_supports = at::mm(lhs.transpose(0, 1).reshape({nodes, -1}),
-                             previous.transpose(0, 1).reshape({nodes, -1}).t());
+      const int64_t columns = lhs.size(0) * lhs.size(2);  // explicit: a -1 is ambiguous for empty tensors
+      grad_supports = at::mm(lhs.transpose(0, 1).reshape({nodes, columns}),
+                             previous.transpose(0, 1).reshape({nodes, columns}).t());
     } else {
       grad_supports = at::matmul(lhs, previous.transpose(-1, -2));
     }

@@ -28,6 +28,10 @@ std::string dtype_name(at::ScalarType t);
 // float32, float64, float16 or bfloat16: the dtypes every stfast_ext op takes.
 bool supported_dtype(at::ScalarType t);
 
+// Every size of `name` (laid out as `layout`, e.g. "(B, N, C)") is at least 1, else ValueError prefixed
+// with `op`: the kernels take no zero-sized dimension (the Python ops route such problems to torch).
+void check_no_zero_size(const char* op, const char* name, const char* layout, at::IntArrayRef sizes);
+
 // `name` has x's dtype and device, else TypeError / ValueError prefixed with `op`.
 void check_like_x(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x);
 

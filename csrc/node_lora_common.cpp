@@ -1,6 +1,7 @@
 // Validation shared by the CPU and CUDA glue of node_lora (see node_lora_common.h).
 #include "node_lora_common.h"
 
+#include <cmath>
 #include <string>
 #include <vector>
 
@@ -39,6 +40,8 @@ LoraShape check_node_lora_inputs(
     int64_t seed,
     int64_t offset) {
   check_dropout_mask_inputs(op, x, dropout_p, seed, offset);
+  check_no_zero_size(op, "x", "(..., N, d_in)", x.sizes());
+  TORCH_CHECK_VALUE(std::isfinite(scale), op, ": scale: expected a finite float, got ", scale);
   LoraShape s{};
   s.N = x.size(-2);
   s.K = x.size(-1);
@@ -50,6 +53,7 @@ LoraShape check_node_lora_inputs(
                     ": weight: expected shape (d_out, d_in) = (d_out, ", s.K, "), got ",
                     weight.defined() ? weight.sizes() : at::IntArrayRef{});
   check_like_x(op, "weight", weight, x);
+  check_no_zero_size(op, "weight", "(d_out, d_in)", weight.sizes());
   s.O = weight.size(0);
   s.has_bias = bias.has_value() && bias->defined();
   if (s.has_bias) {

@@ -30,8 +30,8 @@ STFAST_HD T lora_activate(T h, int activation) {
   switch (activation) {
     case kLoraLeakyRelu:  // the product on both sides: a select of constants, so CPU loops vectorise
       return h * (h > T(0) ? T(1) : T(kLeakyReluSlope));
-    case kLoraRelu:
-      return h > T(0) ? h : T(0);
+    case kLoraRelu:  // NaN fails the test and passes through, as torch.relu propagates it
+      return h < T(0) ? T(0) : h;
     case kLoraTanh:
       return std::tanh(h);
     case kLoraSigmoid:
@@ -48,8 +48,8 @@ STFAST_HD T lora_activation_slope(T h, int activation) {
   switch (activation) {
     case kLoraLeakyRelu:
       return h > T(0) ? T(1) : T(kLeakyReluSlope);
-    case kLoraRelu:
-      return h > T(0) ? T(1) : T(0);
+    case kLoraRelu:  // ATen's threshold_backward: a NaN h passes the gradient through
+      return h <= T(0) ? T(0) : T(1);
     case kLoraTanh: {
       const T t = std::tanh(h);
       return T(1) - t * t;

@@ -22,7 +22,9 @@ reduces in registers in a fixed order; no atomics):
 - ``meta_gconv_bwd_dp``: ``dP[d] = sum_m (E[m, d] xg[m])^T g[m]``; grid
   ``(D, I / BLOCK_I, O / BLOCK_O)``, each program loops over all of ``M``.
 
-Here ``g = dy * act'(y)``. Block sizes are fixed (no autotuning yet): see ``_blocks``.
+Here ``g = dy * act'(y)``. Block sizes are fixed (no autotuning yet): see ``_blocks``. Every launch
+(grid, constexprs, warps, stages) comes from ``forward_launch`` / ``backward_launches``, pure
+functions of the shapes that the compile gate (``bench/compile_gate.py``) compiles for sm_80 / sm_90.
 The launchers take contiguous tensors and return fp32 per-row ``dE`` (reduced to the embedding's
 shape by the caller, see ``stfast/ops/_triton_gconv.py``).
 """
@@ -33,11 +35,13 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import block_size, check_launchable, dot_precision, is_interpreted
+from ._utils import Launch, block_size, check_launchable, device_of, dot_precision, is_interpreted
 
 __all__ = [
     "ACTIVATION_CODES",
+    "backward_launches",
     "embedding_strides",
+    "forward_launch",
     "meta_gconv_forward",
     "meta_gconv_backward",
     "meta_gconv_fwd",
@@ -227,6 +231,62 @@ def meta_gconv_bwd_dp(
              mask=mask_i[:, None] & mask_o[None, :])
 
 
+# ---------------------------------------------------------------- launch configuration
+
+# Block sizes (fixed until autotuning lands):
+# - BLOCK_M 64 rows: enough rows per program to feed tensor cores and reuse each P tile 64 times;
+#   M = B*N is in the thousands in practice.
+# - BLOCK_I <= 32: I = K*C is small and not a multiple of 16 (HimNet's decoder: 134); tiles pad
+#   per d, so 32 wastes 16% there where 64 would waste 30%. Never below 16 (tl.dot minimum).
+# - BLOCK_O <= 64: O is 64..128 for HimNet's gates; two column tiles double the forward grid.
+# - BLOCK_D (dE only) covers all of D in one register tile, at least 16 (it is a tl.dot dim).
+# Small problems shrink the tiles (down to 16) so that the interpreter stays fast on tiny tests.
+NUM_WARPS = 4
+NUM_STAGES = 3
+
+
+def _blocks(rows: int, inputs: int, outputs: int) -> tuple[int, int, int]:
+    return block_size(rows, 16, 64), block_size(inputs, 16, 32), block_size(outputs, 16, 64)
+
+
+def forward_launch(rows: int, inputs: int, outputs: int, dim: int, *, has_bias: bool, activation,
+                   input_precision: str) -> Launch:
+    """The ``meta_gconv_fwd`` launch for ``xg (rows, inputs)``, ``outputs`` columns and embedding
+    width ``dim``."""
+    block_m, block_i, block_o = _blocks(rows, inputs, outputs)
+    return Launch("meta_gconv_fwd", (triton.cdiv(rows, block_m), triton.cdiv(outputs, block_o)), dict(
+        HAS_BIAS=has_bias, ACTIVATION=ACTIVATION_CODES[activation], INPUT_PRECISION=input_precision,
+        BLOCK_M=block_m, BLOCK_I=block_i, BLOCK_O=block_o,
+    ), NUM_WARPS, NUM_STAGES)
+
+
+def dxg_de_span(inputs: int, outputs: int, rows: int, need_e: bool) -> int:
+    """Columns of ``dxg`` per program: all of ``I`` (rounded up to tiles) when dE is wanted (whole
+    rows per program, no atomics), else one ``BLOCK_I`` tile."""
+    block_i = _blocks(rows, inputs, outputs)[1]
+    return triton.cdiv(inputs, block_i) * block_i if need_e else block_i
+
+
+def backward_launches(rows: int, inputs: int, outputs: int, dim: int, *, need_xg: bool, need_e: bool,
+                      need_pool: bool, has_bias: bool, input_precision: str) -> dict[str, Launch]:
+    """The backward's launches by role (``dxg_de``, ``dp``), only those that run for these shapes
+    and needs."""
+    block_m, block_i, block_o = _blocks(rows, inputs, outputs)
+    launches = {}
+    if (need_xg or need_e) and rows and (need_e or inputs):
+        grid = (triton.cdiv(rows, block_m), 1 if need_e else triton.cdiv(inputs, block_i))
+        launches["dxg_de"] = Launch("meta_gconv_bwd_dxg_de", grid, dict(
+            NEED_DXG=bool(need_xg), NEED_DE=bool(need_e), HAS_BIAS=has_bias, INPUT_PRECISION=input_precision,
+            BLOCK_M=block_m, BLOCK_I=block_i, BLOCK_O=block_o, BLOCK_D=block_size(dim, 16, 1 << 30),
+        ), NUM_WARPS, NUM_STAGES)
+    if need_pool and dim * inputs * outputs:
+        grid = (dim, triton.cdiv(inputs, block_i), triton.cdiv(outputs, block_o))
+        launches["dp"] = Launch("meta_gconv_bwd_dp", grid, dict(
+            INPUT_PRECISION=input_precision, BLOCK_M=block_m, BLOCK_I=block_i, BLOCK_O=block_o,
+        ), NUM_WARPS, NUM_STAGES)
+    return launches
+
+
 # ---------------------------------------------------------------- launchers
 
 def embedding_strides(embeddings: torch.Tensor, axis: str) -> tuple[int, int, int]:
@@ -240,22 +300,16 @@ def embedding_strides(embeddings: torch.Tensor, axis: str) -> tuple[int, int, in
     raise ValueError(f"axis: expected 'S', 'T' or 'ST', got {axis!r}")
 
 
-# Block sizes (fixed until autotuning lands):
-# - BLOCK_M 64 rows: enough rows per program to feed tensor cores and reuse each P tile 64 times;
-#   M = B*N is in the thousands in practice.
-# - BLOCK_I <= 32: I = K*C is small and not a multiple of 16 (HimNet's decoder: 134); tiles pad
-#   per d, so 32 wastes 16% there where 64 would waste 30%. Never below 16 (tl.dot minimum).
-# - BLOCK_O <= 64: O is 64..128 for HimNet's gates; two column tiles double the forward grid.
-# - BLOCK_D (dE only) covers all of D in one register tile, at least 16 (it is a tl.dot dim).
-# Small problems shrink the tiles (down to 16) so that the interpreter stays fast on tiny tests.
-def _blocks(rows: int, inputs: int, outputs: int) -> tuple[int, int, int]:
-    return block_size(rows, 16, 64), block_size(inputs, 16, 32), block_size(outputs, 16, 64)
-
-
 def _check_contiguous(**tensors) -> None:
     for name, t in tensors.items():
         if t is not None and not t.is_contiguous():
             raise ValueError(f"{name}: the triton launchers expect a contiguous tensor")
+
+
+def _module():
+    import sys
+
+    return sys.modules[__name__]
 
 
 def meta_gconv_forward(xg, embeddings, axis, nodes, pool, bias_pool, activation, input_precision=None):
@@ -271,18 +325,12 @@ def meta_gconv_forward(xg, embeddings, axis, nodes, pool, bias_pool, activation,
     out = torch.empty(rows, outputs, device=xg.device, dtype=xg.dtype)
     if rows == 0 or outputs == 0:
         return out
-    block_m, block_i, block_o = _blocks(rows, inputs, outputs)
-    grid = (triton.cdiv(rows, block_m), triton.cdiv(outputs, block_o))
-    meta_gconv_fwd[grid](
-        xg, embeddings, pool, bias_pool if bias_pool is not None else pool, out,
-        rows, nodes, inputs, outputs, dim,
-        *embedding_strides(embeddings, axis),
-        HAS_BIAS=bias_pool is not None,
-        ACTIVATION=ACTIVATION_CODES[activation],
-        INPUT_PRECISION=dot_precision(xg.dtype, is_interpreted(meta_gconv_fwd), input_precision),
-        BLOCK_M=block_m, BLOCK_I=block_i, BLOCK_O=block_o,
-        num_warps=4,
-    )
+    launch = forward_launch(
+        rows, inputs, outputs, dim, has_bias=bias_pool is not None, activation=activation,
+        input_precision=dot_precision(xg.dtype, is_interpreted(meta_gconv_fwd), input_precision))
+    with device_of(xg):
+        launch(_module(), xg, embeddings, pool, bias_pool if bias_pool is not None else pool, out,
+               rows, nodes, inputs, outputs, dim, *embedding_strides(embeddings, axis))
     return out
 
 
@@ -295,42 +343,23 @@ def meta_gconv_backward(grad, xg, embeddings, axis, nodes, pool, bias_pool, need
     check_launchable(meta_gconv_bwd_dp, grad, xg, embeddings, pool, bias_pool)
     rows, inputs = xg.shape
     dim, _, outputs = pool.shape
-    block_m, block_i, block_o = _blocks(rows, inputs, outputs)
-    precision = dot_precision(xg.dtype, is_interpreted(meta_gconv_bwd_dp), input_precision)
+    launches = backward_launches(
+        rows, inputs, outputs, dim, need_xg=need_xg, need_e=need_e, need_pool=need_pool,
+        has_bias=bias_pool is not None,
+        input_precision=dot_precision(xg.dtype, is_interpreted(meta_gconv_bwd_dp), input_precision))
     strides = embedding_strides(embeddings, axis)
-    d_xg = d_e = d_pool = None
+    module = _module()
+    d_xg = torch.empty_like(xg) if need_xg else None
+    d_e = torch.empty(rows, dim, device=xg.device, dtype=torch.float32) if need_e else None
+    d_pool = torch.empty_like(pool) if need_pool else None
 
-    if need_xg or need_e:
-        d_xg = torch.empty_like(xg) if need_xg else None
-        d_e = torch.empty(rows, dim, device=xg.device, dtype=torch.float32) if need_e else None
-        # dE needs whole rows per program (no atomics); dxg alone can also split I across programs.
-        i_tiles = triton.cdiv(inputs, block_i)
-        i_span = i_tiles * block_i if need_e else block_i
-        grid = (triton.cdiv(rows, block_m), 1 if need_e else i_tiles)
-        if rows and (need_e or inputs):
-            meta_gconv_bwd_dxg_de[grid](
-                grad, xg, embeddings, pool, bias_pool if bias_pool is not None else pool,
-                d_xg if d_xg is not None else xg, d_e if d_e is not None else grad,
-                rows, nodes, inputs, outputs, dim, i_span,
-                *strides,
-                NEED_DXG=bool(need_xg), NEED_DE=bool(need_e), HAS_BIAS=bias_pool is not None,
-                INPUT_PRECISION=precision,
-                BLOCK_M=block_m, BLOCK_I=block_i, BLOCK_O=block_o, BLOCK_D=block_size(dim, 16, 1 << 30),
-                num_warps=4,
-            )
+    with device_of(xg):
+        if "dxg_de" in launches:
+            launches["dxg_de"](module, grad, xg, embeddings, pool, bias_pool if bias_pool is not None else pool,
+                               d_xg if d_xg is not None else xg, d_e if d_e is not None else grad,
+                               rows, nodes, inputs, outputs, dim, dxg_de_span(inputs, outputs, rows, need_e), *strides)
         elif d_e is not None:
             d_e.zero_()
-
-    if need_pool:
-        d_pool = torch.empty_like(pool)
-        grid = (dim, triton.cdiv(inputs, block_i), triton.cdiv(outputs, block_o))
-        if d_pool.numel():
-            meta_gconv_bwd_dp[grid](
-                grad, xg, embeddings, d_pool,
-                rows, nodes, inputs, outputs,
-                *strides,
-                INPUT_PRECISION=precision,
-                BLOCK_M=block_m, BLOCK_I=block_i, BLOCK_O=block_o,
-                num_warps=4,
-            )
+        if "dp" in launches:
+            launches["dp"](module, grad, xg, embeddings, d_pool, rows, nodes, inputs, outputs, *strides)
     return d_xg, d_e, d_pool

@@ -17,10 +17,10 @@ again from ``(seed, offset)`` instead of reading a stored one.
 Kernels (all deterministic: every output element is written by exactly one program, which
 reduces in registers in a fixed order; no atomics):
 
-- ``node_lora_fwd``: grid ``(N, M / BLOCK_M)``. Shrink ``h = drop(x) A[n]`` (kept in registers),
-  activation, then per output tile expand ``act(h) B[n]``, base GEMM ``x W^T`` and bias in the
-  same accumulator, one store.
-- ``node_lora_bwd_rows``: grid ``(N, M / BLOCK_M)``. Recomputes ``h``; writes per row
+- ``node_lora_fwd``: grid ``(N * M / BLOCK_M,)`` (one flat axis, node-major). Shrink
+  ``h = drop(x) A[n]`` (kept in registers), activation, then per output tile expand ``act(h) B[n]``,
+  base GEMM ``x W^T`` and bias in the same accumulator, one store.
+- ``node_lora_bwd_rows``: grid ``(N * M / BLOCK_M,)``, as the forward. Recomputes ``h``; writes per row
   ``gh = act'(h) * scale * (g B[n]^T)`` and ``sa = scale * act(h)`` (``R_PAD`` fp32 values each,
   small next to ``x``) and, if wanted, ``dx = g W + drop'(gh A[n]^T)``.
 - ``node_lora_bwd_da``: grid ``(N, K / BLOCK_K)``: ``dA[n] = drop(x_n)^T gh_n``, looping over all
@@ -30,7 +30,11 @@ reduces in registers in a fixed order; no atomics):
   gives partial ``dW = g^T x`` and (first K tile) ``db = sum g``; the launcher sums the ``S``
   partials with ``torch.sum`` (a fixed order, deterministic). ``S`` depends only on the shapes.
 
-``g`` is the gradient of ``y``. Block sizes are fixed (no autotuning yet): see ``_blocks``.
+``g`` is the gradient of ``y``. Block sizes are fixed (no autotuning yet): see ``_blocks``. Every
+launch (grid, constexprs, warps, stages) comes from ``forward_launch`` / ``backward_launches``, pure
+functions of the shapes that the compile gate (``bench/compile_gate.py``) compiles for sm_80 / sm_90.
+``seed`` and ``offset`` are not specialised on (``do_not_specialize``): a new seed per step does not
+recompile.
 """
 
 from __future__ import annotations
@@ -39,11 +43,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import block_size, check_launchable, dot_precision, is_interpreted
+from ._utils import Launch, block_size, check_launchable, device_of, dot_precision, is_interpreted
 
 __all__ = [
     "ACTIVATION_CODES",
     "LEAKY_RELU_SLOPE",
+    "MAX_RANK",
+    "backward_launches",
+    "check_rank",
+    "forward_launch",
     "node_lora_forward",
     "node_lora_backward",
     "dropout_keep_mask",
@@ -62,8 +70,8 @@ LEAKY_RELU_SLOPE = 0.01  # as torch.nn.LeakyReLU and the torch backend
 
 @triton.jit
 def _activate(h, ACTIVATION: tl.constexpr):
-    if ACTIVATION == 1:  # relu
-        h = tl.where(h > 0, h, 0.0)
+    if ACTIVATION == 1:  # relu; a NaN h fails the test and passes through, as torch.relu propagates it
+        h = tl.where(h < 0, 0.0, h)
     elif ACTIVATION == 2:  # leaky_relu
         h = tl.where(h > 0, h, h * 0.01)
     elif ACTIVATION == 3:  # tanh, written with exp so that it needs no libdevice; saturates to +-1
@@ -76,8 +84,8 @@ def _activate(h, ACTIVATION: tl.constexpr):
 @triton.jit
 def _activation_grad(h, ACTIVATION: tl.constexpr):
     """``act'(h)`` from the pre-activation."""
-    if ACTIVATION == 1:
-        d = tl.where(h > 0, 1.0, 0.0)
+    if ACTIVATION == 1:  # ATen's threshold_backward: a NaN h passes the gradient through
+        d = tl.where(h <= 0, 0.0, 1.0)
     elif ACTIVATION == 2:
         d = tl.where(h > 0, 1.0, 0.01)
     elif ACTIVATION == 3:
@@ -98,6 +106,16 @@ def _dropped(x, seed, offset, rows, cols, K, p, inv_keep):
     as long as ``rows`` and ``cols`` are given broadcast to it."""
     r = tl.rand(seed, offset + rows * K + cols)
     return tl.where(r >= p, x * inv_keep, 0.0)
+
+
+@triton.jit
+def _node_and_batch_tile(M, BLOCK_M: tl.constexpr):
+    """``(node, batch tile)`` of this program on the flat grid ``N * cdiv(M, BLOCK_M)``, node-major
+    (consecutive programs share one node's ``A[n]`` and ``B[n]``)."""
+    pid = tl.program_id(0)
+    m_tiles = tl.cdiv(M, BLOCK_M)
+    n = pid // m_tiles
+    return n, pid - n * m_tiles
 
 
 @triton.jit
@@ -123,7 +141,7 @@ def _shrink(x_ptr, a_ptr, rows, mask_m, n, K, R, seed, offset, p, inv_keep,
 
 # ---------------------------------------------------------------- forward
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed", "offset"])
 def node_lora_fwd(
     x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, out_ptr,
     M, N, K, O, R,
@@ -137,8 +155,7 @@ def node_lora_fwd(
     BLOCK_O: tl.constexpr,
     R_PAD: tl.constexpr,
 ):
-    n = tl.program_id(0)
-    pid_m = tl.program_id(1)
+    n, pid_m = _node_and_batch_tile(M, BLOCK_M)
     batch = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     mask_m = batch < M
     rows = batch * N + n  # global rows of x / out
@@ -171,7 +188,7 @@ def node_lora_fwd(
 
 # ---------------------------------------------------------------- backward: per-row terms and dx
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed", "offset"])
 def node_lora_bwd_rows(
     g_ptr, x_ptr, w_ptr, a_ptr, b_ptr, gh_ptr, sa_ptr, dx_ptr,
     M, N, K, O, R,
@@ -187,8 +204,7 @@ def node_lora_bwd_rows(
     BLOCK_O: tl.constexpr,
     R_PAD: tl.constexpr,
 ):
-    n = tl.program_id(0)
-    pid_m = tl.program_id(1)
+    n, pid_m = _node_and_batch_tile(M, BLOCK_M)
     batch = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     mask_m = batch < M
     rows = batch * N + n
@@ -242,7 +258,7 @@ def node_lora_bwd_rows(
 
 # ---------------------------------------------------------------- backward: dA and dB (per node)
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed", "offset"])
 def node_lora_bwd_da(
     x_ptr, gh_ptr, da_ptr,
     M, N, K, R,
@@ -345,7 +361,7 @@ def node_lora_bwd_dw(
 
 # ---------------------------------------------------------------- dropout mask (tests, debugging)
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed", "offset"])
 def _dropout_keep_kernel(out_ptr, ROWS, K, seed, offset, p, BLOCK_ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
     rows = (tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -366,19 +382,107 @@ def dropout_keep_mask(rows: int, k: int, p: float, seed: int, offset: int, devic
     return out
 
 
-# ---------------------------------------------------------------- launchers
+# ---------------------------------------------------------------- launch configuration
 
 # Block sizes (fixed until autotuning lands):
 # - BLOCK_M <= 64 batch rows per program: one node's rows; B = 64 in the benchmark gives one tile
 #   per node and N programs (883 for the benchmark, 207 for METR-LA), enough to fill a GPU.
 # - BLOCK_K, BLOCK_O <= 64: d_in / d_out are 32..256; larger tiles would spill with the
 #   (BLOCK_M, R_PAD) low-rank tile held across the output loop.
-# - R_PAD: the rank rounded up to a power of two, at least 16 (a tl.dot dimension).
+# - R_PAD: the rank rounded up to a power of two, at least 16 (a tl.dot dimension), at most
+#   MAX_RANK: the padded rank lives in registers and shared memory whole (no rank tiling), and the
+#   compile gate (bench/compile_gate.py) shows the kernels fitting sm_80's and sm_90's shared memory
+#   up to that rank.
 # Small problems shrink the tiles (down to 16) so that the interpreter stays fast on tiny tests.
+NUM_WARPS = 4
+NUM_STAGES = 3
+MAX_RANK = 128
+
+
 def _blocks(batch: int, k: int, o: int, rank: int) -> tuple[int, int, int, int]:
     return (block_size(batch, 16, 64), block_size(k, 16, 64), block_size(o, 16, 64),
-            block_size(rank, 16, 1 << 30))
+            block_size(rank, 16, MAX_RANK))
 
+
+def check_rank(rank: int) -> None:
+    """Refuse a rank the kernels cannot hold (see ``MAX_RANK``) before anything is launched."""
+    if rank > MAX_RANK:
+        raise ValueError(
+            f"lora_a: rank {rank} is above the triton backend's limit of {MAX_RANK} (its kernels keep the "
+            f"padded rank whole in registers and shared memory); the torch, cpu and cuda backends take any rank")
+
+
+def _splits(rows: int, tiles: int, block_rows: int) -> int:
+    """How many row splits the dW / db reduction uses: enough programs to fill a GPU (~512 with the
+    (O, K) tiles), never a split shorter than 8 row blocks. A function of the shapes only."""
+    wanted = max(1, 512 // max(tiles, 1))
+    return max(1, min(wanted, triton.cdiv(rows, 8 * block_rows)))
+
+
+def _row_grid(batch: int, nodes: int, block_m: int) -> tuple[int]:
+    # One flat axis (limit 2**31 - 1) for (node, batch tile): a second grid axis would stop at 65535
+    # batch tiles, i.e. about 4.2M flattened leading rows.
+    return (nodes * triton.cdiv(batch, block_m),)
+
+
+def forward_launch(batch: int, nodes: int, k: int, o: int, rank: int, *, has_bias: bool, dropout_p: float,
+                   activation, input_precision: str) -> Launch:
+    """The ``node_lora_fwd`` launch for ``x (batch, nodes, k)``, ``o`` outputs and rank ``rank``."""
+    check_rank(rank)
+    block_m, block_k, block_o, r_pad = _blocks(batch, k, o, rank)
+    return Launch("node_lora_fwd", _row_grid(batch, nodes, block_m), dict(
+        HAS_BIAS=has_bias, HAS_DROPOUT=dropout_p > 0, ACTIVATION=ACTIVATION_CODES[activation],
+        INPUT_PRECISION=input_precision, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_O=block_o, R_PAD=r_pad,
+    ), NUM_WARPS, NUM_STAGES)
+
+
+def dw_rows_per_split(batch: int, nodes: int, k: int, o: int, rank: int) -> tuple[int, int]:
+    """``(splits, rows_per_split)`` of the dW / db reduction over the ``batch * nodes`` rows."""
+    _, block_k, block_o, _ = _blocks(batch, k, o, rank)
+    rows = batch * nodes
+    block_rows = block_size(rows, 16, 64)
+    splits = _splits(rows, triton.cdiv(o, block_o) * triton.cdiv(k, block_k), block_rows)
+    return splits, triton.cdiv(triton.cdiv(rows, splits), block_rows) * block_rows
+
+
+def backward_launches(batch: int, nodes: int, k: int, o: int, rank: int, *, needs, has_bias: bool,
+                      dropout_p: float, activation, input_precision: str) -> dict[str, Launch]:
+    """The backward's launches by role (``rows``, ``da``, ``db``, ``dw``), only those ``needs``
+    (``(x, weight, bias, lora_a, lora_b)``) calls for."""
+    check_rank(rank)
+    need_x, need_weight, need_bias, need_a, need_b = (bool(n) for n in needs)
+    need_bias = need_bias and has_bias
+    need_gh = need_x or need_a
+    block_m, block_k, block_o, r_pad = _blocks(batch, k, o, rank)
+    has_dropout = dropout_p > 0
+    launches = {}
+    if (need_gh or need_b) and batch * nodes:
+        launches["rows"] = Launch("node_lora_bwd_rows", _row_grid(batch, nodes, block_m), dict(
+            NEED_GH=need_gh, NEED_SA=need_b, NEED_DX=need_x, HAS_DROPOUT=has_dropout,
+            ACTIVATION=ACTIVATION_CODES[activation], INPUT_PRECISION=input_precision,
+            BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_O=block_o, R_PAD=r_pad,
+        ), NUM_WARPS, NUM_STAGES)
+    if need_a:
+        launches["da"] = Launch("node_lora_bwd_da", (nodes, triton.cdiv(k, block_k)), dict(
+            HAS_DROPOUT=has_dropout, INPUT_PRECISION=input_precision, BLOCK_M=block_m, BLOCK_K=block_k, R_PAD=r_pad,
+        ), NUM_WARPS, NUM_STAGES)
+    if need_b:
+        launches["db"] = Launch("node_lora_bwd_db", (nodes, triton.cdiv(o, block_o)), dict(
+            INPUT_PRECISION=input_precision, BLOCK_M=block_m, BLOCK_O=block_o, R_PAD=r_pad,
+        ), NUM_WARPS, NUM_STAGES)
+    if need_weight or need_bias:
+        splits, _ = dw_rows_per_split(batch, nodes, k, o, rank)
+        # At least one K tile even when d_in == 0: its programs own db (an empty grid would leave the
+        # bias gradient's partials unwritten).
+        k_tiles = max(1, triton.cdiv(k, block_k))
+        launches["dw"] = Launch("node_lora_bwd_dw", (triton.cdiv(o, block_o), k_tiles, splits), dict(
+            NEED_DW=need_weight, NEED_DBIAS=need_bias, INPUT_PRECISION=input_precision,
+            BLOCK_ROWS=block_size(batch * nodes, 16, 64), BLOCK_K=block_k, BLOCK_O=block_o,
+        ), NUM_WARPS, NUM_STAGES)
+    return launches
+
+
+# ---------------------------------------------------------------- launchers
 
 def _check_contiguous(**tensors) -> None:
     for name, t in tensors.items():
@@ -390,6 +494,12 @@ def _dropout_args(dropout_p: float):
     return float(dropout_p), (1.0 / (1.0 - dropout_p)) if dropout_p > 0 else 1.0
 
 
+def _module():
+    import sys
+
+    return sys.modules[__name__]
+
+
 def node_lora_forward(x, weight, bias, lora_a, lora_b, scale, activation, dropout_p, seed, offset,
                       input_precision=None):
     """``x (M, N, K)`` -> ``(M, N, O)``; all tensors contiguous, one dtype. ``input_precision``: see
@@ -398,28 +508,17 @@ def node_lora_forward(x, weight, bias, lora_a, lora_b, scale, activation, dropou
     check_launchable(node_lora_fwd, x, weight, bias, lora_a, lora_b)
     batch, nodes, k = x.shape
     o, rank = weight.shape[0], lora_a.shape[-1]
+    launch = forward_launch(
+        batch, nodes, k, o, rank, has_bias=bias is not None, dropout_p=dropout_p, activation=activation,
+        input_precision=dot_precision(x.dtype, is_interpreted(node_lora_fwd), input_precision))
     out = torch.empty(batch, nodes, o, device=x.device, dtype=x.dtype)
     if out.numel() == 0:
         return out
-    block_m, block_k, block_o, r_pad = _blocks(batch, k, o, rank)
     p, inv_keep = _dropout_args(dropout_p)
-    node_lora_fwd[(nodes, triton.cdiv(batch, block_m))](
-        x, weight, bias if bias is not None else weight, lora_a, lora_b, out,
-        batch, nodes, k, o, rank,
-        float(scale), seed, offset, p, inv_keep,
-        HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0, ACTIVATION=ACTIVATION_CODES[activation],
-        INPUT_PRECISION=dot_precision(x.dtype, is_interpreted(node_lora_fwd), input_precision),
-        BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_O=block_o, R_PAD=r_pad,
-        num_warps=4,
-    )
+    with device_of(x):
+        launch(_module(), x, weight, bias if bias is not None else weight, lora_a, lora_b, out,
+               batch, nodes, k, o, rank, float(scale), seed, offset, p, inv_keep)
     return out
-
-
-def _splits(rows: int, tiles: int, block_rows: int) -> int:
-    """How many row splits the dW / db reduction uses: enough programs to fill a GPU (~512 with the
-    (O, K) tiles), never a split shorter than 8 row blocks. A function of the shapes only."""
-    wanted = max(1, 512 // max(tiles, 1))
-    return max(1, min(wanted, triton.cdiv(rows, 8 * block_rows)))
 
 
 def node_lora_backward(grad, x, weight, bias, lora_a, lora_b, scale, activation, dropout_p, seed, offset, needs,
@@ -431,58 +530,39 @@ def node_lora_backward(grad, x, weight, bias, lora_a, lora_b, scale, activation,
     check_launchable(node_lora_bwd_rows, grad, x, weight, bias, lora_a, lora_b)
     batch, nodes, k = x.shape
     o, rank = weight.shape[0], lora_a.shape[-1]
-    block_m, block_k, block_o, r_pad = _blocks(batch, k, o, rank)
-    precision = dot_precision(x.dtype, is_interpreted(node_lora_bwd_rows), input_precision)
+    launches = backward_launches(
+        batch, nodes, k, o, rank, needs=needs, has_bias=bias is not None, dropout_p=dropout_p, activation=activation,
+        input_precision=dot_precision(x.dtype, is_interpreted(node_lora_bwd_rows), input_precision))
+    r_pad = _blocks(batch, k, o, rank)[3]
     p, inv_keep = _dropout_args(dropout_p)
-    has_dropout = dropout_p > 0
     rows = batch * nodes
+    module = _module()
     d_x = d_weight = d_bias = d_a = d_b = None
 
-    need_gh = need_x or need_a
-    if need_gh or need_b:
+    with device_of(x):
+        need_gh = need_x or need_a
         gh = torch.empty(rows, r_pad, device=x.device, dtype=torch.float32) if need_gh else None
         sa = torch.empty(rows, r_pad, device=x.device, dtype=torch.float32) if need_b else None
         d_x = torch.empty_like(x) if need_x else None
-        if rows:
-            node_lora_bwd_rows[(nodes, triton.cdiv(batch, block_m))](
-                grad, x, weight, lora_a, lora_b,
-                gh if gh is not None else grad, sa if sa is not None else grad, d_x if d_x is not None else x,
-                batch, nodes, k, o, rank,
-                float(scale), seed, offset, p, inv_keep,
-                NEED_GH=need_gh, NEED_SA=need_b, NEED_DX=need_x, HAS_DROPOUT=has_dropout,
-                ACTIVATION=ACTIVATION_CODES[activation], INPUT_PRECISION=precision,
-                BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_O=block_o, R_PAD=r_pad,
-                num_warps=4,
-            )
-        if need_a:
+        if "rows" in launches:
+            launches["rows"](module, grad, x, weight, lora_a, lora_b,
+                             gh if gh is not None else grad, sa if sa is not None else grad,
+                             d_x if d_x is not None else x,
+                             batch, nodes, k, o, rank, float(scale), seed, offset, p, inv_keep)
+        if "da" in launches:
             d_a = torch.empty_like(lora_a)
-            node_lora_bwd_da[(nodes, triton.cdiv(k, block_k))](
-                x, gh, d_a, batch, nodes, k, rank, seed, offset, p, inv_keep,
-                HAS_DROPOUT=has_dropout, INPUT_PRECISION=precision,
-                BLOCK_M=block_m, BLOCK_K=block_k, R_PAD=r_pad, num_warps=4,
-            )
-        if need_b:
+            launches["da"](module, x, gh, d_a, batch, nodes, k, rank, seed, offset, p, inv_keep)
+        if "db" in launches:
             d_b = torch.empty_like(lora_b)
-            node_lora_bwd_db[(nodes, triton.cdiv(o, block_o))](
-                grad, sa, d_b, batch, nodes, o, rank,
-                INPUT_PRECISION=precision, BLOCK_M=block_m, BLOCK_O=block_o, R_PAD=r_pad, num_warps=4,
-            )
-
-    if need_weight or need_bias:
-        block_rows = block_size(rows, 16, 64)
-        tiles = triton.cdiv(o, block_o) * triton.cdiv(k, block_k)
-        splits = _splits(rows, tiles, block_rows)
-        rows_per_split = triton.cdiv(triton.cdiv(rows, splits), block_rows) * block_rows
-        partial_w = torch.empty(splits, o, k, device=x.device, dtype=torch.float32) if need_weight else None
-        partial_b = torch.empty(splits, o, device=x.device, dtype=torch.float32) if need_bias else None
-        node_lora_bwd_dw[(triton.cdiv(o, block_o), triton.cdiv(k, block_k), splits)](
-            grad, x, partial_w if partial_w is not None else grad, partial_b if partial_b is not None else grad,
-            rows, k, o, rows_per_split,
-            NEED_DW=bool(need_weight), NEED_DBIAS=bool(need_bias), INPUT_PRECISION=precision,
-            BLOCK_ROWS=block_rows, BLOCK_K=block_k, BLOCK_O=block_o, num_warps=4,
-        )
-        if need_weight:
-            d_weight = partial_w.sum(0).to(weight.dtype)
-        if need_bias:
-            d_bias = partial_b.sum(0).to(bias.dtype)
+            launches["db"](module, grad, sa, d_b, batch, nodes, o, rank)
+        if "dw" in launches:
+            splits, rows_per_split = dw_rows_per_split(batch, nodes, k, o, rank)
+            partial_w = torch.empty(splits, o, k, device=x.device, dtype=torch.float32) if need_weight else None
+            partial_b = torch.empty(splits, o, device=x.device, dtype=torch.float32) if need_bias else None
+            launches["dw"](module, grad, x, partial_w if partial_w is not None else grad,
+                           partial_b if partial_b is not None else grad, rows, k, o, rows_per_split)
+            if need_weight:
+                d_weight = partial_w.sum(0).to(weight.dtype)
+            if need_bias:
+                d_bias = partial_b.sum(0).to(bias.dtype)
     return d_x, d_weight, d_bias, d_a, d_b

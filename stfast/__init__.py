@@ -3,7 +3,10 @@
 from . import configs
 from ._version import __version__
 
-__all__ = ["__version__", "configs", "profile", "seed_everything"]
+__all__ = ["__version__", "available_backends", "configs", "profile", "seed_everything", "set_backend", "use_backend"]
+
+# The backend API at the top level (also under stfast.ops): imported on first use, as profile.
+_BACKEND_API = ("available_backends", "set_backend", "use_backend")
 
 
 def seed_everything(seed: int) -> None:
@@ -24,4 +27,8 @@ def __getattr__(name):
         from .profiler import profile
 
         return profile
+    if name in _BACKEND_API:
+        from .ops import backends
+
+        return getattr(backends, name)
     raise AttributeError(f"module 'stfast' has no attribute {name!r}")

@@ -411,6 +411,13 @@ def _model_runner(name, dataset, backend, context, overrides, candidates, refere
 
 # ---------------------------------------------------------------- running and reporting
 
+def summary_line(total: int, failed: int, skipped: int, elapsed: float) -> str:
+    """``"94 case(s) in 12.3s: 89 checked (89 passed, 0 failed), 5 skipped -> PASS"``: the parts add up."""
+    checked = total - skipped
+    return (f"{total} case(s) in {elapsed:.1f}s: {checked} checked ({checked - failed} passed, {failed} failed)"
+            + (f", {skipped} skipped" if skipped else "") + (" -> FAIL" if failed else " -> PASS"))
+
+
 def _versions() -> dict:
     from . import __version__
 
@@ -473,8 +480,7 @@ def run_check(args) -> int:
         summary_json = _print_ops(cases, not_checked, args.verbose)
     ran = sum(c.status != "skipped" for c in cases)
     skipped = len(cases) - ran
-    print(f"{ran} case(s) checked in {elapsed:.1f}s: {ran - len(failed)} passed, {len(failed)} failed"
-          + (f", {skipped} skipped" if skipped else "") + (" -> FAIL" if failed else " -> PASS"))
+    print(summary_line(len(cases), len(failed), skipped, elapsed))
     provisional = {c.precision for c in cases if c.report and c.report.meta.get("provisional_tolerance")}
     if provisional:
         print(f"note: the {', '.join(sorted(provisional))} tolerances on this device are provisional until measured "

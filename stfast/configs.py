@@ -1,4 +1,4 @@
-"""Published configurations: the six traffic datasets and each model's hyper-parameters.
+"""Published configurations: the six traffic datasets, LargeST's four, and each model's hyper-parameters.
 
 ``load("himnet", "METR-LA")`` returns a fresh dict ``{"model": {...}, "training": {...},
 "dataset": DatasetInfo}``. Sources: HimNet (KDD 2024) ``model/HimNet.yaml`` and the data protocol
@@ -12,7 +12,7 @@ import copy
 import math
 from dataclasses import dataclass
 
-__all__ = ["DatasetInfo", "DATASETS", "dataset_info", "canonical_dataset", "load", "himnet_config", "hi_config"]
+__all__ = ["DatasetInfo", "DATASETS", "LARGEST_DATASETS", "dataset_info", "canonical_dataset", "load", "himnet_config", "hi_config"]
 
 
 @dataclass(frozen=True)
@@ -61,8 +61,16 @@ DATASETS: dict[str, DatasetInfo] = {
         DatasetInfo("PEMS04", 307, 16992, "2018-01-01T00:00", "flow", _FLOW_SPLIT, "huber"),
         DatasetInfo("PEMS07", 883, 28224, "2017-05-01T00:00", "flow", _FLOW_SPLIT, "huber"),
         DatasetInfo("PEMS08", 170, 17856, "2016-07-01T00:00", "flow", _FLOW_SPLIT, "huber"),
+        # LargeST (Liu et al., NeurIPS 2023 Datasets and Benchmarks; github.com/liuxu77/LargeST): the
+        # published protocol uses 2019 only, resampled from 5 to 15 minutes (data/ca/process_ca_his.ipynb),
+        # so 365 * 96 = 35,040 steps; 12 in / 12 out, windows split 6:2:2 (data/generate_data_for_training.py);
+        # masked MAE for every model (experiments/*/main.py). Node counts: src/utils/dataloader.py.
+        *(DatasetInfo(name, nodes, 35040, "2019-01-01T00:00", "flow", _FLOW_SPLIT, "masked_mae", steps_per_day=96)
+          for name, nodes in (("SD", 716), ("GBA", 2352), ("GLA", 3834), ("CA", 8600))),
     )
 }
+
+LARGEST_DATASETS = ("SD", "GBA", "GLA", "CA")
 
 
 def _key(name: str) -> str:
@@ -91,6 +99,9 @@ _HIMNET_TABLE = {
     "PEMS04": (64, 12, 4, 16, 16, 4000, 1e-4, [30, 50]),
     "PEMS07": (64, 8, 8, 16, 16, 6000, 1e-4, [40, 60]),
     "PEMS08": (96, 10, 2, 14, 10, 6000, 0.0, [40, 60, 80]),
+    # HimNet publishes nothing for LargeST: these are our choice, its PEMS07 row (the largest graph and a
+    # flow dataset), with LargeST's protocol (split, 12/12, masked MAE) from DATASETS.
+    **{name: (64, 8, 8, 16, 16, 6000, 1e-4, [40, 60]) for name in LARGEST_DATASETS},
 }
 
 

@@ -35,6 +35,7 @@ import gc
 import json
 import os
 import platform
+import re
 import statistics
 import sys
 import threading
@@ -44,11 +45,13 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from .memory import MemoryEstimate, estimate_memory, measure_step_memory
 from .metrics import get_loss
 from .models import count_parameters
+from .training.precision import Precision
 from .training.step import make_optimizer, train_step
 
-__all__ = ["ProfileReport", "describe_device", "profile"]
+__all__ = ["ProfileReport", "describe_device", "device_slug", "profile", "MemoryEstimate", "estimate_memory", "measure_step_memory"]
 
 _MIB = float(2**20)
 
@@ -60,6 +63,7 @@ class ProfileReport:
     time_per_epoch_s: float
     peak_memory_mb: dict
     device: str
+    precision: str = "fp32"  # fp32 / tf32 / bf16 / fp16 (stfast.training.precision)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -90,6 +94,7 @@ class ProfileReport:
             f"time per epoch  {self.time_per_epoch_s:,.1f} s",
             f"peak memory     {_format_memory(self.peak_memory_mb)}",
             f"device          {self.device}",
+            f"precision       {self.precision}",
         ]
         return "\n".join(lines)
 
@@ -101,7 +106,7 @@ def _format_memory(memory: dict) -> str:
 
 
 def profile(forecaster, batch, *, scaler, loss=None, training=None, warmup=3, repeats=10,
-            num_train_batches=None, device=None, seed=0) -> ProfileReport:
+            num_train_batches=None, device=None, seed=0, on_step=None, precision="fp32") -> ProfileReport:
     """Time ``repeats`` training steps on ``batch`` after ``warmup`` untimed ones.
 
     ``forecaster`` is a :class:`stfast.models.Forecaster`; ``training`` overrides entries of its
@@ -110,7 +115,11 @@ def profile(forecaster, batch, *, scaler, loss=None, training=None, warmup=3, re
     None for the config's published loss. ``device`` moves the model and the batch there for the
     run; without it the batch's device is used and the model must already be on it.
     ``num_train_batches`` replaces the dataset's training-batch count in the epoch time.
+    ``on_step(phase)`` (``"warm-up"`` or ``"timed"``) is called after every step, outside the timed
+    interval: a progress line for runs that take minutes. ``precision``: ``"fp32"``, ``"tf32"``,
+    ``"bf16"`` or ``"fp16"`` (:class:`stfast.training.precision.Precision`).
     """
+    on_step = on_step or (lambda phase: None)
     _check_counts(warmup=warmup, repeats=repeats)
     if num_train_batches is not None:
         _check_counts(num_train_batches=num_train_batches)
@@ -118,21 +127,24 @@ def profile(forecaster, batch, *, scaler, loss=None, training=None, warmup=3, re
     loss_fn = _resolve_loss(loss, training)
     device = _resolve_device(forecaster, batch, device)
     _check_batch(forecaster, batch, device)
+    numerics = Precision(precision, device)
+    grad_scaler = numerics.grad_scaler()
     if num_train_batches is None:
         num_train_batches = forecaster.config["dataset"].train_batches(len(batch))
 
-    with _restored_model(forecaster), _restored_random_state(device, seed):
+    with _restored_model(forecaster), _restored_random_state(device, seed), numerics.matmul_precision():
         forecaster.to(device).train()
         batch = batch.to(device=device)
         optimizer, _ = make_optimizer(forecaster, training)
 
         def step(batches_seen):
             train_step(forecaster, batch, optimizer, loss_fn, scaler, batches_seen=batches_seen,
-                       clip_grad=training.get("clip_grad", 0.0))
+                       clip_grad=training.get("clip_grad", 0.0), precision=numerics, grad_scaler=grad_scaler)
 
         for i in range(warmup):
             step(i)
-        times_ms, memory = _timed_steps(step, range(warmup, warmup + repeats), device)
+            on_step("warm-up")
+        times_ms, memory = _timed_steps(step, range(warmup, warmup + repeats), device, on_step)
 
     median = statistics.median(times_ms)
     return ProfileReport(
@@ -141,6 +153,7 @@ def profile(forecaster, batch, *, scaler, loss=None, training=None, warmup=3, re
         time_per_epoch_s=median * num_train_batches / 1000,
         peak_memory_mb=memory,
         device=describe_device(device),
+        precision=numerics.name,
     )
 
 
@@ -238,13 +251,13 @@ def _restored_random_state(device: torch.device, seed: int):
 # ------------------------------------------------------------------------------------- timing
 
 
-def _timed_steps(step, batches_seen, device: torch.device):
+def _timed_steps(step, batches_seen, device: torch.device, on_step):
     if device.type == "cuda":
-        return _timed_steps_cuda(step, batches_seen, device)
-    return _timed_steps_cpu(step, batches_seen)
+        return _timed_steps_cuda(step, batches_seen, device, on_step)
+    return _timed_steps_cpu(step, batches_seen, on_step)
 
 
-def _timed_steps_cuda(step, batches_seen, device):
+def _timed_steps_cuda(step, batches_seen, device, on_step):
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     times_ms = []
@@ -253,6 +266,7 @@ def _timed_steps_cuda(step, batches_seen, device):
         step(i)
         torch.cuda.synchronize(device)
         times_ms.append((time.perf_counter() - start) * 1000)
+        on_step("timed")
     process_bytes, source = _cuda_process_memory(device)
     memory = {
         "allocated": torch.cuda.max_memory_allocated(device) / _MIB,
@@ -263,13 +277,14 @@ def _timed_steps_cuda(step, batches_seen, device):
     return times_ms, memory
 
 
-def _timed_steps_cpu(step, batches_seen):
+def _timed_steps_cpu(step, batches_seen, on_step):
     times_ms = []
     with _PeakRss() as rss:
         for i in batches_seen:
             start = time.perf_counter()
             step(i)
             times_ms.append((time.perf_counter() - start) * 1000)
+            on_step("timed")
     return times_ms, {"rss_growth": rss.growth_bytes / _MIB, "rss_source": rss.source}
 
 
@@ -427,3 +442,10 @@ def describe_device(device) -> str:
     if device.type == "cpu":
         return f"cpu ({_cpu_name()}, {torch.get_num_threads()} threads)"
     return str(device)
+
+
+def device_slug(description: str) -> str:
+    """A device description as a results folder name: ``"cpu (Intel(R) Xeon(R) Processor, 2 threads)"``
+    -> ``"cpu-intel-xeon-processor-2-threads"`` (trademark marks dropped)."""
+    plain = re.sub(r"\((r|tm)\)", "", description.lower())
+    return re.sub(r"[^a-z0-9]+", "-", plain).strip("-") or "device"

@@ -27,3 +27,14 @@ def shared_file():
 @pytest.fixture
 def pems08_prefix() -> Path:
     return _shared_file("_partial/PEMS08_prefix_1282steps.npy")
+
+
+@pytest.fixture
+def clean_backend(monkeypatch):
+    """No forced backend (neither STFAST_BACKEND nor set_backend) during the test, and none left after it."""
+    from stfast import ops
+
+    monkeypatch.delenv(ops.backends.ENV_VAR, raising=False)
+    ops.set_backend(None)
+    yield
+    ops.set_backend(None)

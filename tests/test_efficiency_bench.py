@@ -54,7 +54,8 @@ def test_quick_run_writes_table_json_csv_and_figure(quick_run):
     code, stdout, stderr, out = quick_run
     assert code == 0, stderr
 
-    lines = stdout.splitlines()
+    table = (out / "results.md").read_text(encoding="utf-8")
+    lines = table.splitlines()
     header = next(line for line in lines if line.startswith("| Model"))
     assert "Paper ms/batch" in header and "ms/batch median [min, max]" in header and "RSS growth MB" in header
     rows = {line.split("|")[1].strip(): line for line in lines if line.startswith("| ") and line is not header}
@@ -62,7 +63,14 @@ def test_quick_run_writes_table_json_csv_and_figure(quick_run):
     assert "| 118K | 8 | 12 | 1,420 |" in rows["STID"]
     assert "10,874,347,200" in rows["HimNet-Θ′"] and rows["HimNet-Θ′"].count("N/A") >= 6
     assert "error: ValueError" in rows["hi"] and "trainable parameters" in rows["hi"]
-    assert (out / "results.md").read_text(encoding="utf-8") == stdout
+    assert "HimNet-Θ′: the paper's ablation" in table  # the analytic row is explained in the notes
+    # The terminal gets a narrow summary; the full table stays in the files.
+    summary = stdout.splitlines()
+    assert summary[0].split() == ["model", "implementation", "ms/batch", "speed-up", "memory"]
+    assert max(len(line) for line in summary if not line.startswith(("error:", "note:"))) < 100
+    assert any(line.startswith("note: HimNet-Θ′ is not runnable") and "10,874,347,200" in line for line in summary)
+    assert any(line.startswith("STID") and "reference" in line for line in summary)
+    assert "| Model" not in stdout and f"the full table is {out / 'results.md'}" in stderr
 
     result = json.loads((out / "results.json").read_text(encoding="utf-8"))
     meta = result["meta"]
@@ -164,3 +172,27 @@ def test_bench_script_is_the_same_command():
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "stfast bench efficiency" in result.stdout and "--full-epoch" in result.stdout
+
+
+def test_default_output_is_a_new_run_folder_never_the_recorded_results(tmp_path):
+    parser = efficiency.build_parser()
+    default = efficiency.output_folder(parser.parse_args(["--quick"]), "cpu (AMD EPYC, 2 threads)")
+    assert default.parts[:2] == ("runs", "bench") and default.name.startswith("efficiency-")
+    recorded = efficiency.output_folder(parser.parse_args(["--quick", "--record"]), "cpu (AMD EPYC, 2 threads)")
+    assert recorded == Path("bench/results/cpu-amd-epyc-2-threads/efficiency")
+    full = efficiency.output_folder(parser.parse_args(["--record"]), "cpu (AMD EPYC, 2 threads)")
+    assert full.name == "efficiency-full"
+    assert efficiency.output_folder(parser.parse_args(["--out", str(tmp_path)]), "cpu") == tmp_path
+    with pytest.raises(SystemExit):  # one or the other
+        parser.parse_args(["--out", str(tmp_path), "--record"])
+
+
+def test_figure_links_each_reference_to_its_fast_rows_and_each_backbone_to_its_stlora_row():
+    from stfast.benchmarks.report import _links
+
+    rows = [{"model": model, "backend": backend} for model, backend in
+            [("himnet", "reference"), ("himnet", "cpu"), ("himnet", "torch"), ("stid", "reference"),
+             ("stlora-himnet", "cpu"), ("gwnet", "torch")]]
+    assert _links(rows) == [(("himnet", "cpu"), ("stlora-himnet", "cpu"), ":"),
+                            (("himnet", "reference"), ("himnet", "cpu"), "-"),
+                            (("himnet", "reference"), ("himnet", "torch"), "-")]

@@ -19,11 +19,8 @@ NAMES = ("x", "weight", "bias", "lora_a", "lora_b")
 
 
 @pytest.fixture(autouse=True)
-def _clean_backend(monkeypatch):
-    monkeypatch.delenv(backends.ENV_VAR, raising=False)
-    ops.set_backend(None)
+def _clean_backend(clean_backend):
     yield
-    ops.set_backend(None)
 
 
 def make_inputs(lead, nodes, d_in, d_out, rank, *, dtype=torch.float32, seed=0):

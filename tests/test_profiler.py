@@ -20,7 +20,7 @@ def make_batch(dataset, batch_size, num_nodes=None):
 
 
 SCALER = StandardScaler(50.0, 20.0)
-REPORT_KEYS = {"params", "time_per_batch_ms", "time_per_epoch_s", "peak_memory_mb", "device"}
+REPORT_KEYS = {"params", "time_per_batch_ms", "time_per_epoch_s", "peak_memory_mb", "device", "precision"}
 
 
 @pytest.fixture(scope="module")
@@ -73,10 +73,12 @@ def test_profile_trains_the_model_while_timing(himnet, pems08_batch, monkeypatch
     seen = []
     original_step = profiler.train_step
 
-    def recording_step(forecaster, batch, optimizer, loss_fn, scaler, *, batches_seen=0, clip_grad=0.0):
+    def recording_step(forecaster, batch, optimizer, loss_fn, scaler, *, batches_seen=0, clip_grad=0.0,
+                       precision=None, grad_scaler=None):
+        assert precision.name == "fp32" and grad_scaler is None  # the default precision
         seen.append((forecaster.training, batches_seen, clip_grad, loss_fn.__name__))
         return original_step(forecaster, batch, optimizer, loss_fn, scaler, batches_seen=batches_seen,
-                             clip_grad=clip_grad)
+                             clip_grad=clip_grad, precision=precision, grad_scaler=grad_scaler)
 
     monkeypatch.setattr(profiler, "train_step", recording_step)
     profile(himnet, pems08_batch, scaler=SCALER, loss=None, warmup=1, repeats=2, num_train_batches=10)

@@ -26,11 +26,8 @@ def _one_thread():
 
 
 @pytest.fixture(autouse=True)
-def _clean_backend(monkeypatch):
-    monkeypatch.delenv(ops.backends.ENV_VAR, raising=False)
-    ops.set_backend(None)
+def _clean_backend(clean_backend):
     yield
-    ops.set_backend(None)
 
 
 class TinyBackbone(nn.Module):

@@ -34,7 +34,10 @@ def test_training_lowers_the_loss_and_writes_checkpoints(data, tmp_path):
     state = trainer.fit(epochs=2)
     assert state.epoch == 2 and state.batches_seen == 2 * data.num_batches("train", 32)
     assert trainer.evaluate_loss("train") < before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt"]  # no temporary files left
+    # no temporary files left; .lock is the run folder's lock file (stfast.training.checkpoint.RunLock)
+    # steps.csv, epochs.csv, run_config.json: the run logs (stfast.training.runlog)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "best.pt", "epochs.csv", "last.pt",
+                                                          "run_config.json", "steps.csv"]
     last = load_checkpoint(tmp_path / "last.pt")
     assert last["model_name"] == "himnet" and last["dataset"] == "PEMS08" and last["state"]["epoch"] == 2
     assert load_checkpoint(tmp_path / "best.pt")["epoch"] == state.best_epoch

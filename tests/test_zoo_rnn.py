@@ -119,13 +119,11 @@ def test_specs_declare_inputs():
 
 
 @pytest.mark.parametrize("name", sorted(MODULES))
-def test_config_has_training_keys_and_rejects_other_datasets(name):
+def test_config_has_training_keys_and_rejects_unknown_datasets(name):
     config = MODULES[name].config("metr-la")
     assert config["model"]["num_nodes"] == METR_LA_NODES
     assert {"batch_size", "max_epochs", "early_stop", "lr", "eps", "weight_decay", "milestones", "lr_decay_rate",
             "clip_grad", "loss", "in_steps", "out_steps"} <= set(config["training"])
-    with pytest.raises(ValueError, match="dataset: .*METR-LA.*PEMS08"):
-        MODULES[name].config("PEMS08")
     with pytest.raises(ValueError, match="dataset: "):
         MODULES[name].config("nowhere")
 

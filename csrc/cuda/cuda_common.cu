@@ -6,6 +6,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <atomic>
 
 namespace stfast_cuda {
 namespace {
@@ -29,7 +30,35 @@ __global__ void sum_parts_kernel(const typename Acc<T>::type* __restrict__ in, i
   }
 }
 
+// Empty: only its compiled attributes matter (tensor_core_kernels_compiled). It is built with the same
+// arch flags as every kernel of the extension.
+__global__ void arch_probe_kernel() {}
+
 }  // namespace
+
+bool tensor_core_kernels_compiled() {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<signed char> cached[kMaxDevices];  // 0: unknown, 1: yes, -1: no
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  if (device < kMaxDevices && cached[device].load() != 0) {
+    return cached[device].load() > 0;
+  }
+  cudaFuncAttributes attributes{};
+  bool compiled = false;
+  if (cudaFuncGetAttributes(&attributes, arch_probe_kernel) == cudaSuccess) {
+    compiled = attributes.ptxVersion >= 80;  // the virtual arch the running code was compiled from, x10
+  } else {
+    (void)cudaGetLastError();
+  }
+  if (device < kMaxDevices) {
+    cached[device].store(compiled ? 1 : -1);
+  }
+  return compiled;
+}
 
 cudaError_t sum_parts(DType dtype, const void* in, int64_t parts, int64_t count, void* out, cudaStream_t stream) {
   if (count == 0) {

@@ -18,6 +18,12 @@ enum class DType : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3
 // type of `dtype` (fp64 for fp64, fp32 otherwise), `out` in `dtype`.
 cudaError_t sum_parts(DType dtype, const void* in, int64_t parts, int64_t count, void* out, cudaStream_t stream);
 
+// Whether the tensor-core kernels' bodies were compiled for the current device: the code that runs
+// there (its SASS, or the PTX the driver compiles at load) comes from an sm_80+ virtual arch. An
+// extension built for an older arch only (plus its PTX) runs its __trap() stubs there, so the glue
+// must not launch them even on an sm_90 device. Cached per device.
+bool tensor_core_kernels_compiled();
+
 }  // namespace stfast_cuda
 
 #if defined(__CUDACC__)
@@ -67,9 +73,13 @@ __host__ __device__ __forceinline__ int64_t ceil_div(int64_t a, int64_t b) {
   return (a + b - 1) / b;
 }
 
-// Calls launch(T{}) with the storage type of `dtype`, then returns the launch error (if any).
+// Calls launch(T{}) with the storage type of `dtype`, then returns the error of that launch. An error
+// pending from earlier (another library's, not checked there) is cleared first, so that it is
+// neither reported as this launch's nor left to be blamed on a later one; sticky errors (a crashed
+// context) persist and fail this launch too.
 template <typename F>
 cudaError_t dispatch(DType dtype, F&& launch) {
+  (void)cudaGetLastError();
   switch (dtype) {
     case DType::kFloat32:
       launch(float{});

@@ -8,6 +8,7 @@
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime_api.h>
+#include <torch/version.h>
 
 #include <cstdlib>
 #include <cstring>
@@ -43,29 +44,38 @@ inline stfast_cuda::DType acc_kernel_dtype(at::ScalarType t) {
   return t == at::kDouble ? stfast_cuda::DType::kFloat64 : stfast_cuda::DType::kFloat32;
 }
 
+// Whether torch lets fp32 matmuls run as TF32, read through the API torch itself uses for cuBLAS:
+// the new per-backend precision (torch >= 2.9; it also reflects the legacy
+// torch.set_float32_matmul_precision / allow_tf32 settings) where it exists. The legacy getter
+// allowTF32CuBLAS() throws ("mix of the legacy and new APIs") once the new API has been used.
+inline bool tf32_matmul_allowed() {
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 10)
+  return at::globalContext().float32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL) ==
+         at::Float32Precision::TF32;
+#elif TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR == 9
+  return at::globalContext().float32Precision("cuda", "matmul") == "tf32";
+#else
+  return at::globalContext().allowTF32CuBLAS();
+#endif
+}
+
 // Whether the kernels take their tensor-core (WMMA) path for inputs of dtype t on the current device:
-// on sm_80+, always for fp16 / bf16; for fp32 (as TF32) only where torch itself allows TF32 matmuls
-// (torch.backends.cuda.matmul.allow_tf32, or torch.set_float32_matmul_precision("high" / "medium"));
-// never for fp64. STFAST_CUDA_TENSOR_CORES=0 turns the path off (the SIMT kernels, for comparison).
+// where the tensor-core kernels were compiled for the device's code (sm_80+ virtual arch, see
+// stfast_cuda::tensor_core_kernels_compiled; not merely an sm_80+ device), always for fp16 / bf16;
+// for fp32 (as TF32) only where torch itself allows TF32 matmuls (tf32_matmul_allowed); never for
+// fp64. STFAST_CUDA_TENSOR_CORES=0 turns the path off (the SIMT kernels, for comparison).
 inline bool use_tensor_cores(at::ScalarType t) {
   const char* env = std::getenv("STFAST_CUDA_TENSOR_CORES");
   if (env != nullptr && std::strcmp(env, "0") == 0) {
     return false;
   }
-  int major = 0;
-  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, c10::cuda::current_device()) != cudaSuccess ||
-      major < 8) {
+  if (t != at::kHalf && t != at::kBFloat16 && t != at::kFloat) {
     return false;
   }
-  switch (t) {
-    case at::kHalf:
-    case at::kBFloat16:
-      return true;
-    case at::kFloat:
-      return at::globalContext().allowTF32CuBLAS();
-    default:
-      return false;
+  if (!stfast_cuda::tensor_core_kernels_compiled()) {
+    return false;
   }
+  return t != at::kFloat || tf32_matmul_allowed();
 }
 
 inline cudaStream_t current_stream() {

@@ -11,12 +11,13 @@ profiler's report, or ``{"ok": false, "error": ..., "traceback": ...}``. Progres
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 import time
 import traceback
 
-STLORA_PREFIX = "stlora-"
+from .report import STLORA_PREFIX
 
 
 def _wrap_stlora():
@@ -34,6 +35,9 @@ def build(spec: dict):
 
     from .. import models
 
+    if spec.get("builder"):  # "module:function" building a variant, e.g. stfast.benchmarks.stlora's
+        module, _, function = spec["builder"].partition(":")
+        return getattr(importlib.import_module(module), function)(spec)
     name = spec["model"]
     wrap = None
     if name.startswith(STLORA_PREFIX):
@@ -105,7 +109,7 @@ def measure(spec: dict) -> dict:
     batch, scaler = synthetic_batch(spec["dataset"], spec["batch_size"], seed=spec["seed"], device=device,
                                     return_scaler=True)
     report = profile(forecaster, batch, scaler=scaler, warmup=spec["warmup"], repeats=spec["repeats"],
-                     device=device, seed=spec["seed"])
+                     device=device, seed=spec["seed"], precision=spec.get("precision", "fp32"))
     result = {"ok": True, "report": report.to_dict(), "build_s": build_s,
               "resolved_backend": backend, "torch": torch.__version__}
     if spec.get("full_epoch"):

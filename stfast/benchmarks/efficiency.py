@@ -2,7 +2,7 @@
 
     stfast bench efficiency [--device auto|cpu|cuda] [--models ...] [--backends ...] [--dataset METR-LA]
                             [--batch-size 16] [--quick] [--repeats N] [--warmup N] [--full-epoch]
-                            [--timeout S] [--out DIR]
+                            [--timeout S] [--out DIR | --record]
 
 (``python bench/efficiency.py ...`` in a checkout is the same command.)
 
@@ -32,19 +32,20 @@ pair, is not runnable: its row gives the parameter count derived from the config
 Absolute times are not comparable with the paper's (unknown GPU, and batch-16 steps of small models
 are launch-bound on a GPU); ratios between rows are.
 
-Duration: ``--quick`` (STID, AGCRN and HimNet, each with its reference and, where the model has
-one, stfast's fastest backend; warm-up 1, 2 timed steps) takes 1-2 minutes on 2 idle CPU cores and
-about 5 when they are shared. The full default table (warm-up 3, 10 timed steps, so 13 training
-steps per row) is about 20-25 minutes on 2 CPU cores, an hour or more when they are busy, from
-per-batch times measured here (``_FULL_RUN_NOTE``); a few minutes on a GPU. ``--full-epoch`` adds
-one real epoch per row (1,499 batches on METR-LA at batch 16): a minute or so per row on a GPU, but
-hours per row on a CPU (HimNet's reference alone is about 3 hours on 2 cores).
+Duration: README.md's "How long things take" keeps the measured times (dated, with the machine and
+its load); ``--quick`` is STID, AGCRN and HimNet, each with its reference and, where the model has
+one, stfast's fastest backend, warm-up 1 and 2 timed steps; the default table has warm-up 3 and 10
+timed steps per row. ``--full-epoch`` adds one real epoch per row (1,499 batches on METR-LA at batch
+16): hours per row on a CPU.
 
-Outputs in ``--out`` (default ``bench/results/<device>/efficiency/`` under the current directory):
-the markdown table (also printed on stdout) as ``results.md``, ``results.json``, ``results.csv`` and
-``efficiency.png`` (time per batch vs memory, log axes, one marker per model and backend, beside the
-paper's figures). The PNG needs matplotlib (``pip install 'stfast[plot]'``); without it the other
-files are still written and the run says that the figure was skipped.
+Outputs in ``--out`` (default: a new ``runs/bench/efficiency-<UTC time>/`` under the current
+directory, so a run never replaces the recorded results; ``--record`` writes into them,
+``bench/results/<device>/efficiency/`` with ``--quick``, ``efficiency-full/`` without): the markdown
+table as ``results.md``, ``results.json``, ``results.csv`` and ``efficiency.png`` (time per batch vs
+memory, log axes, one marker per model and backend, an arrow from each reference to its stfast rows,
+beside the paper's figures). The terminal gets a narrow summary (model, implementation, ms/batch,
+speed-up, memory ratio). The PNG needs matplotlib (``pip install 'stfast[plot]'``); without it the
+other files are still written and the run says that the figure was skipped.
 
 ST-LoRA rows (``stlora-<backbone>``: the zoo model wrapped by ``stfast.nn.stlora.wrap_forecaster``
 with its default options) are offered only when that function exists in the installed stfast. The
@@ -55,13 +56,10 @@ implementation, with the time the wrapper adds to that backbone row (the target 
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
-import io
 import json
 import os
 import platform
-import re
 import signal
 import subprocess
 import sys
@@ -70,6 +68,9 @@ import threading
 import time
 from collections import deque
 from pathlib import Path
+
+from ..profiler import device_slug
+from .report import STLORA_PREFIX, csv_text, markdown, primary_memory, summary, write_figure
 
 __all__ = ["PAPER", "TABLE_MODELS", "THETA_PRIME", "add_bench_parser", "add_efficiency_options", "build_parser",
            "himnet_theta_prime_params", "himnet_theta_prime_breakdown", "main", "run", "write_figure"]
@@ -97,18 +98,10 @@ QUICK_WARMUP, QUICK_REPEATS = 1, 2
 DEFAULT_WARMUP, DEFAULT_REPEATS = 3, 10
 # Backbones wrapped with ST-LoRA in the default table once stfast.nn.stlora.wrap_forecaster exists.
 STLORA_BACKBONES = ("stgcn", "gwnet", "agcrn", "himnet")
-STLORA_PREFIX = "stlora-"
 
-_FULL_RUN_NOTE = (
-    "Seconds per training batch (batch 16) measured on 2 shared cores of an AMD EPYC, torch 2.13 CPU, load average "
-    "about 4: STID 0.03, MegaCRN 1.8, STGCN 2.0, DCRNN 3.2, STNorm 3.3, PDFormer 6.7, ST-WA 8.3, GWNet 9.4, GTS 9.8, "
-    "AGCRN 1-20, HimNet reference 6.7, HimNet torch 1.3. The default table there has 19 measured rows (with the "
-    "fused AGCRN/HimNet backends and 4 ST-LoRA rows) of 13 steps each plus ~10 s to start each row: about "
-    "20-25 minutes, an hour or more when the cores are busier."
-)
 
-_MIB_COLUMNS_CUDA = (("allocated", "peak alloc MB"), ("reserved", "reserved MB"), ("process", "process MB"))
-_MARKERS = {"reference": "o", "torch": "s", "triton": "^", "auto": "D", "cuda": "P", "cpu": "X"}
+DESCRIPTION = ("The efficiency table of HimNet (KDD 2024) regenerated on this machine: parameters, time per batch "
+               "and epoch, and peak memory of the paper's models, paper / reference / stfast side by side.")
 
 
 class BenchError(ValueError):
@@ -161,11 +154,6 @@ def short_count(count: int) -> str:
     if count < 10**10:
         return f"{count / 1e6:.1f}M"
     return f"{count / 1e9:.1f}B"
-
-
-def device_slug(description: str) -> str:
-    """``"cpu (AMD EPYC, 2 threads)"`` -> ``"cpu-amd-epyc-2-threads"`` (a folder name)."""
-    return re.sub(r"[^a-z0-9]+", "-", description.lower()).strip("-") or "device"
 
 
 def _stlora_available() -> bool:
@@ -368,13 +356,6 @@ def run_worker(spec: dict, timeout: float | None = None, stream=None) -> dict:
         return {"ok": False, "error": describe_exit(returncode) + (f": {detail}" if detail else "")}
 
 
-def _primary_memory(memory: dict | None) -> float | None:
-    if not memory:
-        return None
-    value = memory.get("allocated", memory.get("rss_growth"))
-    return value if isinstance(value, (int, float)) else None
-
-
 def _paper_figures(model: str) -> dict | None:
     if model not in PAPER:
         return None
@@ -427,7 +408,7 @@ def _add_ratios(rows: list[dict]) -> None:
         if row["status"] != "ok" or row["backend"] == "reference" or base is None:
             continue
         row["speedup_vs_reference"] = base["time_per_batch_ms"]["median"] / row["time_per_batch_ms"]["median"]
-        mine, theirs = _primary_memory(row["peak_memory_mb"]), _primary_memory(base["peak_memory_mb"])
+        mine, theirs = primary_memory(row["peak_memory_mb"]), primary_memory(base["peak_memory_mb"])
         if mine and theirs is not None:
             row["memory_ratio_vs_reference"] = theirs / mine
         mine, theirs = row["peak_memory_mb"].get("process"), base["peak_memory_mb"].get("process")
@@ -440,205 +421,9 @@ def _add_ratios(rows: list[dict]) -> None:
         if row["status"] != "ok" or not row["model"].startswith(STLORA_PREFIX) or backbone is None:
             continue
         row["stlora_time_overhead"] = row["time_per_batch_ms"]["median"] / backbone["time_per_batch_ms"]["median"] - 1
-        mine, theirs = _primary_memory(row["peak_memory_mb"]), _primary_memory(backbone["peak_memory_mb"])
+        mine, theirs = primary_memory(row["peak_memory_mb"]), primary_memory(backbone["peak_memory_mb"])
         if mine is not None and theirs:
             row["stlora_memory_overhead"] = mine / theirs - 1
-
-
-# ------------------------------------------------------------------------------------ output
-
-
-def _fmt(value, digits: int = 1, suffix: str = "") -> str:
-    if value is None:
-        return ""
-    if isinstance(value, str):
-        return value
-    return f"{value:,.{digits}f}{suffix}"
-
-
-def _ms(value: float) -> str:
-    return _fmt(value, 1 if value < 1000 else 0)
-
-
-def markdown(result: dict) -> str:
-    meta, rows = result["meta"], result["rows"]
-    cuda = meta["device_type"] == "cuda"
-    memory_headers = [title for _, title in _MIB_COLUMNS_CUDA] if cuda else ["RSS growth MB"]
-    headers = ["Model", "Implementation", "Paper #Params", "Paper ms/batch", "Paper s/epoch", "Paper MB",
-               "#Params", "ms/batch median [min, max]", "s/epoch (est.)"]
-    if meta["full_epoch"]:
-        headers.append("s/epoch (measured)")
-    headers += memory_headers + ["Speed-up vs ref", "Memory ratio vs ref"]
-    stlora = any(row["model"].startswith(STLORA_PREFIX) for row in rows)
-    if stlora:
-        headers.append("ST-LoRA time overhead")
-    lines = [
-        f"Efficiency table, {meta['dataset']}-shaped synthetic data, batch {meta['batch_size']}, "
-        f"warm-up {meta['warmup']}, {meta['repeats']} timed steps; device: {meta['device']}; "
-        f"torch {meta['torch']}, stfast {meta['stfast']}",
-        "",
-        "| " + " | ".join(headers) + " |",
-        "|" + "|".join("---" for _ in headers) + "|",
-    ]
-    for row in rows:
-        paper = row["paper"]
-        cells = [row["name"], row["implementation"]]
-        if paper is not None:
-            cells += [paper["params"]] + [_fmt(paper[key], 0) if paper[key] is not None else "N/A"
-                                          for key in ("ms_per_batch", "s_per_epoch", "memory_mb")]
-        else:
-            cells += ["", "", "", ""]
-        params = "" if row["params"] is None else f"{row['params']:,}" + (" ✓" if row["params_match_paper"] else "")
-        if row["status"] == "analytic":
-            cells += [params + " (analytic)", "N/A", "N/A"] + (["N/A"] if meta["full_epoch"] else [])
-            cells += ["N/A"] * len(memory_headers) + ["", ""]
-        elif row["status"] == "error":
-            message = row["error"].replace("|", "/").replace("\n", " ")
-            cells += [params, f"error: {message}", ""] + ([""] if meta["full_epoch"] else [])
-            cells += [""] * len(memory_headers) + ["", ""]
-        else:
-            t = row["time_per_batch_ms"]
-            cells += [params, f"{_ms(t['median'])} [{_ms(t['min'])}, {_ms(t['max'])}]",
-                      _fmt(row["time_per_epoch_s"], 0)]
-            if meta["full_epoch"]:
-                cells.append(_fmt(row["full_epoch_s"], 0))
-            memory = row["peak_memory_mb"]
-            keys = [key for key, _ in _MIB_COLUMNS_CUDA] if cuda else ["rss_growth"]
-            cells += [_fmt(memory.get(key)) for key in keys]
-            cells.append(_fmt(row["speedup_vs_reference"], 2, "x") if row["speedup_vs_reference"] else
-                         ("—" if row["backend"] == "reference" else ""))
-            ratio = _fmt(row["memory_ratio_vs_reference"], 2, "x lower") if row["memory_ratio_vs_reference"] else ""
-            if row["process_memory_ratio_vs_reference"]:
-                ratio += f" (process {row['process_memory_ratio_vs_reference']:.2f}x)"
-            cells.append(ratio or ("—" if row["backend"] == "reference" else ""))
-        if stlora:
-            overhead = row.get("stlora_time_overhead")
-            cells.append("" if overhead is None else f"{overhead:+.1%}")
-        lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", *_footnotes(meta)]
-    return "\n".join(lines) + "\n"
-
-
-def _footnotes(meta: dict) -> list[str]:
-    memory = ("peak alloc / reserved: the CUDA caching allocator's peaks over the timed steps; process: device memory "
-              "the driver reports for the worker process (CUDA context and cache included, the paper's column "
-              "appears to be this one)" if meta["device_type"] == "cuda" else
-              "RSS growth: peak resident set during the timed steps minus the resident set before them (the CPU has "
-              "no counterpart of the paper's GPU memory column)")
-    notes = [
-        "Paper: HimNet (KDD 2024) efficiency table, METR-LA, batch 16, GPU not stated; compare ratios between rows, "
-        "not absolute values.",
-        f"✓: the measured count rounds to the paper's figure. s/epoch (est.) = median ms/batch x "
-        f"{meta['train_batches']:,} training batches.",
-        f"Memory: {memory}. Ratios are the reference's memory over the backend's "
-        f"({'peak allocated' if meta['device_type'] == 'cuda' else 'RSS growth'}).",
-        "Each row ran in a fresh process.",
-    ]
-    if any(row.startswith(STLORA_PREFIX) for row in meta.get("models", [])):
-        notes.append("ST-LoRA time overhead: the wrapped model's median time over its backbone's with the same "
-                     "backend, minus one (the issue's target is at most +10%).")
-    load = meta.get("load_average") or {}
-    if meta["device_type"] == "cpu" and load.get("before") and load.get("after"):
-        notes.append(f"Load average (1 min) on {meta['cpu_count']} cores: {load['before'][0]:.1f} before the run, "
-                     f"{load['after'][0]:.1f} after; other work on the machine inflates CPU times.")
-    notes += [f"Note: {note}" for note in meta["notes"]]
-    return [f"- {note}" for note in notes]
-
-
-_CSV_FIELDS = ["model", "name", "implementation", "backend", "resolved_backend", "status", "paper_params",
-               "paper_ms_per_batch", "paper_s_per_epoch", "paper_memory_mb", "params", "params_match_paper",
-               "ms_per_batch_median", "ms_per_batch_min", "ms_per_batch_max", "repeats", "s_per_epoch_estimated",
-               "s_per_epoch_measured", "peak_allocated_mb", "peak_reserved_mb", "process_mb", "process_source",
-               "rss_growth_mb", "rss_source", "speedup_vs_reference", "memory_ratio_vs_reference",
-               "process_memory_ratio_vs_reference", "stlora_time_overhead", "stlora_memory_overhead", "device",
-               "error"]
-
-
-def csv_text(result: dict) -> str:
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=_CSV_FIELDS, lineterminator="\n")
-    writer.writeheader()
-    for row in result["rows"]:
-        paper = row["paper"] or {}
-        times = row["time_per_batch_ms"] or {}
-        memory = row["peak_memory_mb"] or {}
-        na = "N/A" if row["status"] == "analytic" else None
-        record = {
-            "model": row["model"], "name": row["name"], "implementation": row["implementation"],
-            "backend": row["backend"], "resolved_backend": row["resolved_backend"], "status": row["status"],
-            "paper_params": paper.get("params"), "paper_ms_per_batch": paper.get("ms_per_batch", na) or na,
-            "paper_s_per_epoch": paper.get("s_per_epoch", na) or na,
-            "paper_memory_mb": paper.get("memory_mb", na) or na,
-            "params": row["params"], "params_match_paper": row["params_match_paper"],
-            "ms_per_batch_median": times.get("median", na), "ms_per_batch_min": times.get("min", na),
-            "ms_per_batch_max": times.get("max", na), "repeats": times.get("repeats"),
-            "s_per_epoch_estimated": row["time_per_epoch_s"] if row["time_per_epoch_s"] is not None else na,
-            "s_per_epoch_measured": row["full_epoch_s"] if row["full_epoch_s"] is not None else na,
-            "peak_allocated_mb": memory.get("allocated", na), "peak_reserved_mb": memory.get("reserved", na),
-            "process_mb": memory.get("process", na), "process_source": memory.get("process_source"),
-            "rss_growth_mb": memory.get("rss_growth", na), "rss_source": memory.get("rss_source"),
-            "speedup_vs_reference": row["speedup_vs_reference"],
-            "memory_ratio_vs_reference": row["memory_ratio_vs_reference"],
-            "process_memory_ratio_vs_reference": row["process_memory_ratio_vs_reference"],
-            "stlora_time_overhead": row["stlora_time_overhead"],
-            "stlora_memory_overhead": row["stlora_memory_overhead"],
-            "device": row["device"], "error": row["error"],
-        }
-        writer.writerow({key: "" if value is None else value for key, value in record.items()})
-    return out.getvalue()
-
-
-def write_figure(result: dict, path: Path) -> str | None:
-    """Save the time-vs-memory figure to ``path``; returns None, or why it was skipped."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return "matplotlib is not installed (pip install 'stfast[plot]')"
-    meta = result["meta"]
-    cuda = meta["device_type"] == "cuda"
-    measured = [row for row in result["rows"] if row["status"] == "ok"]
-    paper = [row for row in result["rows"] if row["paper"] and row["paper"]["ms_per_batch"] is not None]
-    figure, (left, right) = plt.subplots(1, 2, figsize=(14, 6))
-    colours = {model: plt.cm.tab20(i % 20) for i, model in enumerate(dict.fromkeys(r["model"] for r in result["rows"]))}
-    floor = 0.1
-    implementations = {}
-    for row in measured:
-        x = row["time_per_batch_ms"]["median"]
-        y = max(_primary_memory(row["peak_memory_mb"]) or 0.0, floor)
-        label = row["name"] if row["backend"] == "reference" else f"{row['name']}, {row['implementation']}"
-        marker = _MARKERS.get(row["backend"], "o")
-        implementations.setdefault(row["implementation"], marker)
-        left.scatter([x], [y], s=70, marker=marker, color=colours[row["model"]], edgecolors="black", linewidths=0.6,
-                     zorder=3)
-        left.annotate(label, (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
-    for row in paper:
-        x, y = row["paper"]["ms_per_batch"], row["paper"]["memory_mb"]
-        right.scatter([x], [y], s=70, marker="o", color=colours[row["model"]], edgecolors="black", linewidths=0.6,
-                      zorder=3)
-        right.annotate(row["name"], (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
-    memory_label = "peak allocated memory (MB)" if cuda else "peak RSS growth (MB)"
-    left.set(xscale="log", yscale="log", xlabel="time per training batch (ms, median)", ylabel=memory_label,
-             title=f"measured: {meta['device']}\n{meta['dataset']} shape, batch {meta['batch_size']}")
-    right.set(xscale="log", yscale="log", xlabel="time per training batch (ms)", ylabel="GPU memory (MB)",
-              title="paper (HimNet, KDD 2024): METR-LA, batch 16, GPU not stated")
-    for axes in (left, right):
-        axes.grid(True, which="both", alpha=0.3)
-        axes.margins(0.15)  # room for the labels of the outermost points
-    if not measured:
-        left.text(0.5, 0.5, "no row measured", transform=left.transAxes, ha="center")
-    else:  # the marker says which implementation, the colour and the label which model
-        handles = [plt.Line2D([], [], linestyle="", marker=marker, markersize=8, markerfacecolor="lightgrey",
-                              markeredgecolor="black", label=name) for name, marker in implementations.items()]
-        left.legend(handles=handles, fontsize=8, loc="best", title="implementation", title_fontsize=8)
-    if not paper:
-        right.text(0.5, 0.5, "no paper row among the models", transform=right.transAxes, ha="center")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return None
 
 
 # --------------------------------------------------------------------------------------- run
@@ -668,6 +453,27 @@ def _command_line(args) -> str:
     return " ".join(["stfast bench efficiency", *argv])
 
 
+def output_folder(args, device_description: str) -> Path:
+    """Where a run writes: ``--out``; with ``--record`` the recorded results under ``bench/results/``
+    (tracked files: only on request); by default a new per-run folder under ``runs/bench/``."""
+    if args.out:
+        return Path(args.out)
+    if getattr(args, "record", False):
+        return Path("bench") / "results" / device_slug(device_description) / (
+            "efficiency" if args.quick else "efficiency-full")
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return Path("runs") / "bench" / f"efficiency-{stamp}"
+
+
+def _check_precision(precision: str, device) -> None:
+    from ..training.precision import Precision
+
+    try:
+        Precision(precision, device)
+    except ValueError as error:
+        raise BenchError(f"--{error}") from None
+
+
 def run(args, stdout=None, stderr=None) -> int:
     """``stfast bench efficiency`` with parsed ``args``; raises :class:`BenchError` on bad input."""
     import torch
@@ -686,12 +492,13 @@ def run(args, stdout=None, stderr=None) -> int:
         _check_choices("--backends", args.backends, accepted_backends())
     warmup = args.warmup if args.warmup is not None else (QUICK_WARMUP if args.quick else DEFAULT_WARMUP)
     repeats = args.repeats if args.repeats is not None else (QUICK_REPEATS if args.quick else DEFAULT_REPEATS)
+    _check_precision(args.precision, device)
     plan, notes = plan_rows(_ordered(models_), args.backends, device, args.quick)
     if not plan:
         raise BenchError("--models/--backends: expected at least one (model, backend) pair to run, got none: "
                          + "; ".join(notes))
     description = describe_device(device)
-    out = Path(args.out) if args.out else Path("bench") / "results" / device_slug(description) / "efficiency"
+    out = output_folder(args, description)
     if args.full_epoch:
         print("--full-epoch: each row also trains one full epoch on synthetic data; on a CPU that is hours "
               "per recurrent model", file=stderr)
@@ -709,14 +516,14 @@ def run(args, stdout=None, stderr=None) -> int:
               flush=True)
         spec = {"model": model, "backend": backend, "dataset": dataset, "batch_size": args.batch_size,
                 "device": str(device), "warmup": warmup, "repeats": repeats, "full_epoch": bool(args.full_epoch),
-                "seed": 0}
+                "seed": 0, "precision": args.precision}
         row_start = time.perf_counter()
         outcome = run_worker(spec, timeout=args.timeout, stream=stderr)
         row = _row(model, backend, outcome, dataset, time.perf_counter() - row_start)
         rows.append(row)
         if row["status"] == "ok":
             print(f"    {row['time_per_batch_ms']['median']:,.1f} ms/batch, "
-                  f"memory {_primary_memory(row['peak_memory_mb']):,.1f} MB, {row['wall_s']:.0f} s", file=stderr,
+                  f"memory {primary_memory(row['peak_memory_mb']):,.1f} MB, {row['wall_s']:.0f} s", file=stderr,
                   flush=True)
         else:
             print(f"    error: {row['error']}", file=stderr, flush=True)
@@ -730,7 +537,7 @@ def run(args, stdout=None, stderr=None) -> int:
         "train_batches": configs.dataset_info(dataset).train_batches(args.batch_size),
         "models": list(dict.fromkeys(model for model, _ in plan)),
         "warmup": warmup, "repeats": repeats, "quick": bool(args.quick), "full_epoch": bool(args.full_epoch),
-        "duration_s": time.perf_counter() - started, "cpu_count": os.cpu_count(),
+        "precision": args.precision, "duration_s": time.perf_counter() - started, "cpu_count": os.cpu_count(),
         "load_average": {"before": load_before, "after": _load_average()}, "notes": notes,
         "figure": None, "figure_skipped": None,
     }
@@ -744,13 +551,14 @@ def run(args, stdout=None, stderr=None) -> int:
     else:
         meta["figure"] = "efficiency.png"
     table = markdown(result)
-    stdout.write(table)
+    stdout.write(summary(result))
     stdout.flush()
     (out / "results.md").write_text(table, encoding="utf-8")
     (out / "results.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     (out / "results.csv").write_text(csv_text(result), encoding="utf-8")
     written = ["results.md", "results.json", "results.csv"] + ([] if skipped else ["efficiency.png"])
-    print(f"wrote {', '.join(written)} in {out} ({meta['duration_s']:.0f} s)", file=stderr)
+    print(f"wrote {', '.join(written)} in {out} ({meta['duration_s']:.0f} s); the full table is "
+          f"{out / 'results.md'}", file=stderr)
     if skipped:
         print(f"efficiency.png skipped: {skipped}", file=stderr)
     failed = [row for row in rows if row["status"] == "error"]
@@ -778,22 +586,30 @@ def add_efficiency_options(parser: argparse.ArgumentParser) -> argparse.Argument
     parser.add_argument("--dataset", default="METR-LA", help="dataset whose shape the synthetic data has")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--quick", action="store_true",
-                        help=f"a few minutes on 2 CPU cores: {', '.join(QUICK_MODELS)} (reference and stfast's "
-                             f"fastest backend), warm-up {QUICK_WARMUP}, {QUICK_REPEATS} repeats")
+                        help=f"the short table: {', '.join(QUICK_MODELS)} (reference and stfast's fastest backend), "
+                             f"warm-up {QUICK_WARMUP}, {QUICK_REPEATS} repeats")
     parser.add_argument("--warmup", type=int, help=f"untimed steps (default {DEFAULT_WARMUP}, quick {QUICK_WARMUP})")
     parser.add_argument("--repeats", type=int, help=f"timed steps (default {DEFAULT_REPEATS}, quick {QUICK_REPEATS})")
     parser.add_argument("--full-epoch", action="store_true",
                         help="also train one real epoch per row on synthetic data of the dataset's full shape "
                              "(long: minutes per row on a GPU, hours per recurrent model on a CPU)")
     parser.add_argument("--timeout", type=float, help="seconds after which a row is stopped and reported as an error")
-    parser.add_argument("--out", help="output folder (default: bench/results/<device>/efficiency under the current "
-                                      "directory)")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "tf32", "bf16", "fp16"],
+                        help="training precision of every row (default fp32; tf32 on CUDA only; bf16 / fp16: "
+                             "autocast, fp16 with a gradient scaler)")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--out", help="output folder (default: a new runs/bench/efficiency-<UTC time> under the "
+                                     "current directory)")
+    where.add_argument("--record", action="store_true",
+                       help="write into the recorded results, bench/results/<device>/efficiency (or efficiency-full "
+                            "without --quick), replacing what is there")
     return parser
 
 
 def _epilog() -> str:
-    return ("Each row runs in a fresh process. --quick takes 1-5 minutes on 2 CPU cores. " + _FULL_RUN_NOTE +
-            " --full-epoch adds one real epoch per row: hours per recurrent model on a CPU.")
+    return ("Each row runs in a fresh process. How long a run takes depends on the device and on what else runs "
+            "there: README.md ('How long things take') gives measured, dated durations with the machine and its "
+            "load. --full-epoch adds one real epoch per row: hours per recurrent model on a CPU.")
 
 
 def _cmd(args) -> int:
@@ -806,14 +622,17 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     commands = bench.add_subparsers(dest="bench_command", required=True)
     efficiency = commands.add_parser("efficiency", help="params, time per batch/epoch and peak memory of the paper's "
                                                         "models: paper, reference and stfast side by side",
-                                     description=__doc__.split("\n\n")[0], epilog=_epilog())
+                                     description=DESCRIPTION, epilog=_epilog())
     add_efficiency_options(efficiency)
     efficiency.set_defaults(func=_cmd)
+    from .stlora import add_stlora_parser  # imported here: stlora builds on this module's worker machinery
+
+    add_stlora_parser(commands)
     return bench
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="stfast bench efficiency", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="stfast bench efficiency", description=DESCRIPTION,
                                      epilog=_epilog())
     return add_efficiency_options(parser)
 

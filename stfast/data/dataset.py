@@ -14,7 +14,10 @@ import torch
 from stfast.configs import DATASETS, DatasetInfo, canonical_dataset
 from stfast.data.batch import Batch, StandardScaler, gather_batch, positive_int
 from stfast.data.graph import load_adjacency
+from stfast.data.largest import read_largest_layout
+from stfast.data.layouts import read_layout
 from stfast.data.series import known_dataset, read_npz_arrays, read_series, resolve_data_path
+from stfast.data.splits import SPLIT_CONVENTIONS, check_dataset_length, step_segments, step_window_index
 from stfast.data.synthetic import synthetic_adjacency, synthetic_series
 
 __all__ = ["ForecastData", "load_dataset", "sliding_window_index", "SPLITS"]
@@ -71,25 +74,38 @@ class ForecastData:
 def load_dataset(
     dataset: str, path: str | os.PathLike | None = None, *, synthetic: bool = False, num_steps: int | None = None,
     seed: int = 0, graph: str | os.PathLike | None = None, in_steps: int = 12, out_steps: int = 12,
+    split: str | None = None, length_check: str = "warn",
 ) -> ForecastData:
     """Load ``dataset`` from ``path`` (file or directory), or generate it with ``synthetic=True``.
 
-    With an ``index.npz`` beside ``data.npz`` its splits are used as given (and ``dataset`` may then be
-    a custom name); otherwise windows slide with stride 1 and split chronologically by the dataset's
-    published fractions. ``num_steps`` and ``seed`` apply to synthetic data only. ``graph`` is read
-    with :func:`load_adjacency`; synthetic data comes with the graph it was generated on.
+    ``path`` may also be a BasicTS 1.x or 0.x folder or a PyTorch Geometric Temporal folder
+    (:mod:`stfast.data.layouts`). With an ``index.npz`` beside ``data.npz`` its splits are used as given
+    (and ``dataset`` may then be a custom name); otherwise ``split`` chooses the convention
+    (:mod:`stfast.data.splits`): ``"windows"`` (stride-1 windows split by the published fractions; the
+    default) or ``"steps"`` (BasicTS's: time steps split first; the default for BasicTS folders, whose
+    files fix the pieces). A named dataset whose length differs from the published one warns
+    (``length_check="warn"``), raises (``"error"``) or passes (``"ignore"``). ``num_steps`` and ``seed``
+    apply to synthetic data only. ``graph`` is read with :func:`load_adjacency` (a PyTorch Geometric
+    Temporal folder's ``adj_mat.npy`` is used when it is None); synthetic data comes with the graph it
+    was generated on.
     """
     in_steps, out_steps = positive_int(in_steps, "in_steps"), positive_int(out_steps, "out_steps")
+    if split is not None and split not in SPLIT_CONVENTIONS:
+        raise ValueError(f"split: expected one of {list(SPLIT_CONVENTIONS)} or None, got {split!r}")
     info = known_dataset(dataset)
+    layout = None
     if synthetic:
         series, index_file, name = _synthetic_source(dataset, path, num_steps, seed)
         info = known_dataset(name)
     else:
-        series, index_file, name = _file_source(dataset, path, num_steps, info)
-    index = (_read_index(index_file, series.shape[0], in_steps, out_steps) if index_file is not None
-             else sliding_window_index(info, series.shape[0], in_steps, out_steps,
-                                       argument="num_steps" if synthetic else "path"))
+        series, index_file, name, layout = _file_source(dataset, path, num_steps, info)
+        if info is not None:
+            check_dataset_length(info, series.shape[0], path, length_check)
+    index = _split_index(series.shape[0], info, index_file, layout, split, in_steps, out_steps,
+                         argument="num_steps" if synthetic else "path")
     scaler = StandardScaler.fit_windows(series[..., 0], index["train"][:, 0], in_steps)
+    if graph is None and layout is not None and layout.graph_file is not None:
+        graph = layout.graph_file
     adjacency = _load_graph(graph, series.shape[1], name) if graph is not None else None
     if synthetic and adjacency is None:
         adjacency = synthetic_adjacency(name, seed=seed)  # the graph the synthetic series was made on
@@ -119,6 +135,11 @@ def _file_source(dataset, path, num_steps, info: DatasetInfo | None):
         raise ValueError(f"num_steps: only used with synthetic=True, got {num_steps!r} with path {str(path)!r}")
     if not isinstance(dataset, str) or not dataset.strip():
         raise ValueError(f"dataset: expected a dataset name, got {dataset!r}")
+    if not Path(path).exists():
+        raise FileNotFoundError(f"path: no such file or directory: {path}")
+    layout = read_largest_layout(Path(path), info) or read_layout(Path(path), info, dataset)
+    if layout is not None:
+        return layout.series, None, info.name if info else dataset, layout
     file = resolve_data_path(path, info.name if info else None)
     index_file = file.with_name("index.npz") if file.name == "data.npz" else None
     if index_file is not None and not index_file.is_file():
@@ -130,7 +151,23 @@ def _file_source(dataset, path, num_steps, info: DatasetInfo | None):
             f"got {dataset!r} with {file}"
         )
     series = read_series(file, info, dataset)
-    return series, index_file, info.name if info else dataset
+    return series, index_file, info.name if info else dataset, None
+
+
+def _split_index(num_steps, info, index_file, layout, split, in_steps, out_steps, *, argument):
+    """The windows of each split: from index.npz, from the layout's own pieces, or by ``split``'s convention."""
+    if index_file is not None:
+        if split is not None:
+            raise ValueError(f"split: expected None with {index_file} (it fixes the splits), got {split!r}")
+        return _read_index(index_file, num_steps, in_steps, out_steps)
+    fixed = layout.step_segments if layout is not None else None
+    if split is None:
+        split = "steps" if fixed is not None else "windows"
+    if split == "windows":
+        if info is None:
+            raise ValueError("split: 'windows' needs a known dataset's published fractions, got a custom dataset")
+        return sliding_window_index(info, num_steps, in_steps, out_steps, argument=argument)
+    return step_window_index(fixed or step_segments(num_steps, info.split), in_steps, out_steps, argument=argument)
 
 
 def sliding_window_index(

@@ -1,7 +1,8 @@
 """Graph (adjacency) files of the traffic benchmarks.
 
 - DCRNN ``adj_mx.pkl`` / ``adj_mx_bay.pkl``: a pickle ``[sensor_ids, sensor_id_to_ind, adj]``; ``adj`` is
-  returned as is.
+  returned as is. Read with a restricted unpickler that admits only lists, dicts, strings, numbers and
+  NumPy arrays, so a crafted pickle is refused (``ValueError``) and runs no code.
 - Edge lists ``from,to,cost`` or ``from,to,distance`` (``PEMSxx.csv``), with or without a header.
   ``from``/``to`` are node indices, or raw sensor ids mapped to indices by the order of an ids file:
   ``ids_path`` (one id per line or comma-separated ``.txt``, or a DCRNN pickle whose id list is used),
@@ -18,8 +19,11 @@
 
 from __future__ import annotations
 
+import codecs
+import io
 import os
 import pickle
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +55,22 @@ def load_adjacency(
             f"num_nodes: expected an adjacency of shape ({num_nodes}, {num_nodes})"
             f", got {adjacency.shape} from {path}"
         )
+    _warn_if_mostly_isolated(adjacency, path)
     return adjacency
+
+
+# The benchmarks' own graphs leave at most 1.8% of their nodes without an edge (PEMS-BAY: 6 of 325);
+# another dataset's graph whose node indices happen to fit leaves many more (PEMS08's on PEMS04: 137).
+_ISOLATED_WARNING_FRACTION = 0.05
+
+
+def _warn_if_mostly_isolated(adjacency: np.ndarray, path: Path) -> None:
+    links = adjacency != 0
+    np.fill_diagonal(links, False)
+    isolated = int((~links.any(axis=0) & ~links.any(axis=1)).sum())
+    if isolated > _ISOLATED_WARNING_FRACTION * len(adjacency):
+        warnings.warn(f"graph: {isolated} of {len(adjacency)} nodes have no edge in {path}; is it this dataset's "
+                      "graph? (the benchmarks' own graphs leave under 2% of their nodes isolated)", stacklevel=3)
 
 
 def _existing(path, argument: str) -> Path:
@@ -61,11 +80,43 @@ def _existing(path, argument: str) -> Path:
     return path
 
 
+# Everything a DCRNN adj_mx.pkl references (Python 2 pickles of [list, dict, ndarray], or the same
+# written by Python 3): the ndarray reconstruction and dtypes, under NumPy 1's and NumPy 2's module
+# names. Lists, dicts, strings and numbers need no global. Any other global (os.system, builtins.eval,
+# ...) is refused before it is looked up, so loading a crafted file runs nothing.
+_RECONSTRUCT_ARRAY = np.empty(0).__reduce__()[0]  # numpy's _reconstruct, wherever this NumPy keeps it
+_ARRAY_FROM_BUFFER = np.empty(1).__reduce_ex__(5)[0]  # numpy's _frombuffer (pickle protocol 5)
+_PICKLE_GLOBALS = {
+    ("_codecs", "encode"): codecs.encode,  # how Python 3 writes bytes (an array's buffer) at protocol 2
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    ("numpy.core.multiarray", "_reconstruct"): _RECONSTRUCT_ARRAY,
+    ("numpy._core.multiarray", "_reconstruct"): _RECONSTRUCT_ARRAY,
+    ("numpy.core.numeric", "_frombuffer"): _ARRAY_FROM_BUFFER,
+    ("numpy._core.numeric", "_frombuffer"): _ARRAY_FROM_BUFFER,
+}
+
+
+class _GraphUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        found = _PICKLE_GLOBALS.get((module, name))
+        if found is None:
+            raise pickle.UnpicklingError(
+                f"refusing to load {module}.{name}: a graph pickle may only hold lists, dicts, strings, numbers "
+                "and NumPy arrays"
+            )
+        return found
+
+
+def _unpickle_restricted(data: bytes):
+    return _GraphUnpickler(io.BytesIO(data), encoding="latin1").load()  # latin1: written by Python 2
+
+
 def _read_dcrnn_pickle(path: Path) -> tuple[list[str], np.ndarray]:
     try:
-        with open(path, "rb") as handle:
-            content = pickle.load(handle, encoding="latin1")  # written by Python 2
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError, IndexError) as error:
+        content = _unpickle_restricted(path.read_bytes())
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError, IndexError,
+            KeyError, MemoryError) as error:
         raise ValueError(f"path: cannot unpickle {path} ({error})") from error
     if not (isinstance(content, (list, tuple)) and len(content) == 3):
         raise ValueError(
@@ -191,6 +242,12 @@ def _index_graph_size(rows: np.ndarray, cols: np.ndarray, num_nodes: int | None,
         raise ValueError(
             f"num_nodes: expected node indices below {num_nodes} in {path}, got {largest} "
             "(raw sensor ids need ids_path)"
+        )
+    if num_nodes is not None and largest < num_nodes - 1:  # isolated nodes: most likely another dataset's file
+        raise ValueError(
+            f"num_nodes: expected edges that reach node {num_nodes - 1}, but the largest node index in {path} is "
+            f"{largest}, so nodes {largest + 1}..{num_nodes - 1} of {num_nodes} would have no edge "
+            "(is this the graph of another dataset?)"
         )
     if num_nodes is None and largest >= 100_000:
         raise ValueError(

@@ -29,6 +29,7 @@ __all__ = ["synthetic_series", "synthetic_batch", "synthetic_adjacency"]
 MISSING_RATE = 0.005
 _SMOOTH_WIDTH = 24  # steps (2 hours) of each of the two box filters of the shared component
 _NEIGHBOURS = 5
+_DISTANCE_BLOCK_ROWS = 512
 
 
 def synthetic_series(dataset: str, num_steps: int | None = None, seed: int = 0) -> np.ndarray:
@@ -111,13 +112,29 @@ def _node_parameters(rng: np.random.Generator, info: DatasetInfo) -> dict[str, n
 
 def _nearest_neighbour_mixing(positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Each node's k nearest nodes (itself first) and Gaussian weights of unit L2 norm."""
-    distance = np.linalg.norm(positions[:, None, :] - positions[None, :, :], axis=-1)
     k = min(_NEIGHBOURS, len(positions))
-    neighbours = np.argsort(distance, axis=1, kind="stable")[:, :k]
-    near = np.take_along_axis(distance, neighbours, axis=1)
+    neighbours = np.empty((len(positions), k), dtype=np.int64)
+    near = np.empty((len(positions), k))
+    # Rows in blocks, so that LargeST's CA (8,600 nodes) never holds an (N, N) distance matrix.
+    for lo in range(0, len(positions), _DISTANCE_BLOCK_ROWS):
+        block = slice(lo, lo + _DISTANCE_BLOCK_ROWS)
+        dx = positions[block, None, 0] - positions[None, :, 0]
+        dy = positions[block, None, 1] - positions[None, :, 1]
+        distance = np.sqrt(dx * dx + dy * dy)  # what np.linalg.norm computes, without a (rows, N, 2) temporary
+        neighbours[block] = _k_smallest(distance, k)
+        near[block] = np.take_along_axis(distance, neighbours[block], axis=1)
     width = max(float(np.median(near[:, -1])), 1e-6)
     weights = np.exp(-0.5 * np.square(near / width))
     return neighbours, weights / np.linalg.norm(weights, axis=1, keepdims=True)
+
+
+def _k_smallest(distance: np.ndarray, k: int) -> np.ndarray:
+    """Column indices of each row's k smallest entries, ascending, ties by index (a stable argsort's first k)."""
+    if k == distance.shape[1]:
+        return np.argsort(distance, axis=1, kind="stable")
+    candidates = np.sort(np.argpartition(distance, k - 1, axis=1)[:, :k], axis=1)
+    order = np.argsort(np.take_along_axis(distance, candidates, axis=1), axis=1, kind="stable")
+    return np.take_along_axis(candidates, order, axis=1)
 
 
 def _proximity_smooth_noise(rng: np.random.Generator, steps: int, nodes: dict) -> np.ndarray:

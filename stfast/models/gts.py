@@ -25,14 +25,15 @@ from torch import nn
 
 from .. import configs
 from .dcgru import DCGRUSeq2Seq
+from .dataset_configs import for_dataset
 from .spec import ModelSpec
 
 SPEC = ModelSpec("gts", x_channels=(0, 1), teacher_forcing=True, needs_train_series=True)
 BACKENDS = ("reference",)
+TORCH_MTS_SOURCE = "XDZhelheim/Torch-MTS configs/GTS.yaml"
 
 NODE_FEATURE_DIM = 100
 CONV_KERNEL = 10
-TRAINSET_RATIO = 0.7  # of the raw series' steps, as the published model cuts its "training" series
 
 
 def standardize(series: np.ndarray) -> np.ndarray:
@@ -167,26 +168,33 @@ def _check_train_series(train_series, num_nodes: int, train_steps) -> np.ndarray
     return series
 
 
-def config(dataset: str) -> dict:
-    """The published METR-LA configuration (Torch-MTS configs/GTS.yaml; spec section 10).
+# XDZhelheim/Torch-MTS configs/GTS.yaml: what each dataset's section changes from METRLA's. Its dim_fc,
+# 16 * (train_steps - 18), matches train_steps = round(num_steps * the dataset's train fraction) on all six.
+_PUBLISHED = {
+    "METR-LA": {},
+    "PEMS-BAY": {"model": {"k": 30}},
+    **{name: {"model": {"k": 30}, "training": {"lr": 1e-3, "milestones": [20, 30]}}
+       for name in ("PEMS03", "PEMS04", "PEMS07", "PEMS08")},
+}
 
-    ``train_steps`` = round(34,272 * 0.7) = 23,990, the published cut of the raw series, so the big
-    Linear has 16 * (23,990 - 18) = 383,552 inputs (the yaml's ``dim_fc``). The yaml's
-    ``filter_type`` and ``l1_decay`` are not used by the published GTS and are left out.
+
+def config(dataset: str) -> dict:
+    """Torch-MTS configs/GTS.yaml (spec section 10), per dataset.
+
+    ``train_steps`` is the published cut of the raw series, round(steps * train fraction): 23,990 on
+    METR-LA, so the big Linear has 16 * (23,990 - 18) = 383,552 inputs (the yaml's ``dim_fc``). The
+    yaml's ``filter_type`` and ``l1_decay`` are not used by the published GTS and are left out.
     """
     name = configs.canonical_dataset(dataset)
-    if name != "METR-LA":
-        raise ValueError(f"dataset: expected 'METR-LA' (the only configuration the spec gives for gts), "
-                         f"got {dataset!r}")
     info = configs.DATASETS[name]
     model = dict(num_nodes=info.num_nodes, input_dim=2, output_dim=1, seq_len=12, horizon=12, rnn_units=64,
                  num_rnn_layers=1, max_diffusion_step=3, tf_decay_steps=2000, use_teacher_forcing=True, temp=0.5,
-                 k=10, train_steps=round(info.num_steps * TRAINSET_RATIO))
+                 k=10, train_steps=round(info.num_steps * info.split[0]))
     # weight_decay 0 and lr_decay_rate 0.1 are the Torch-MTS training-script defaults (not in the yaml).
     training = dict(batch_size=64, max_epochs=200, early_stop=10, lr=0.005, eps=1e-3, weight_decay=0.0,
                     milestones=[20, 30, 40], lr_decay_rate=0.1, clip_grad=5.0, loss=info.loss,
                     in_steps=12, out_steps=12)
-    return {"model": model, "training": training}
+    return for_dataset(name, {"model": model, "training": training}, _PUBLISHED, TORCH_MTS_SOURCE)
 
 
 def build(model_args: dict, context=None, backend: str = "reference") -> GTS:

@@ -29,12 +29,14 @@ from torch import nn
 from .. import configs
 from .._checks import check_tensor
 from .graph_ops import check_adjacency, double_transition
+from .dataset_configs import PUBLISHED, for_dataset, mark
 from .spec import ModelSpec
 
 __all__ = ["SPEC", "BACKENDS", "GWNET", "config", "build"]
 
 SPEC = ModelSpec("gwnet", x_channels=(0, 1), needs_graph=True)
 BACKENDS = ("reference",)
+TORCH_MTS_SOURCE = "XDZhelheim/Torch-MTS configs/GWNET.yaml"
 
 
 class PointwiseConv(nn.Module):
@@ -48,6 +50,11 @@ class PointwiseConv(nn.Module):
         return self.mlp(x)
 
 
+def _pointwise(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """A 1x1 ``conv`` on channels-last ``x (..., C_in)``, as the GEMM it is."""
+    return F.linear(x, conv.weight.flatten(1), conv.bias)
+
+
 class DiffusionConv(nn.Module):
     """``[x, S_1 x, S_1^2 x, S_2 x, ...]`` concatenated on channels -> 1x1 conv -> dropout.
 
@@ -59,13 +66,23 @@ class DiffusionConv(nn.Module):
         self.order, self.dropout = order, dropout
         self.mlp = PointwiseConv((order * support_len + 1) * c_in, c_out)
 
-    def forward(self, x: torch.Tensor, supports: torch.Tensor) -> torch.Tensor:
-        """``x (B, C, N, L)``, ``supports (K, N, N)`` -> ``(B, c_out, N, L)``."""
-        hops = [torch.einsum("bcvl,kvw->bkcwl", x, supports)]
+    def forward(self, x: torch.Tensor, supports_t: torch.Tensor) -> torch.Tensor:
+        """``x (N, B, L, C)`` node-major, ``supports_t (K, N, N)`` the supports transposed -> ``(N, B, L, c_out)``.
+
+        Node-major ``x`` is an ``(N, B*L*C)`` matrix, so the first hop over all K supports is one GEMM
+        ``(K*N, N) @ (N, B*L*C)`` and each further hop one batched GEMM, with no permute copies.
+        """
+        num_nodes, c_in = x.shape[0], x.shape[-1]
+        k = supports_t.shape[0]
+        flat = x.reshape(num_nodes, -1)
+        hop = (supports_t.reshape(k * num_nodes, num_nodes) @ flat).view(k, num_nodes, -1)
+        hops = [hop]
         for _ in range(2, self.order + 1):
-            hops.append(torch.einsum("bkcvl,kvw->bkcwl", hops[-1], supports))
-        diffused = torch.stack(hops, dim=2).flatten(1, 3)  # channels ordered (support, hop, c)
-        h = self.mlp(torch.cat([x, diffused], dim=1))
+            hops.append(torch.bmm(supports_t, hops[-1]))
+        diffused = torch.stack(hops, dim=1).view(k * self.order, -1, c_in)  # blocks ordered (support, hop)
+        weight = self.mlp.mlp.weight.flatten(1).view(-1, k * self.order + 1, c_in)  # (c_out, 1 + K*order, c_in)
+        h = F.linear(x, weight[:, 0], self.mlp.mlp.bias)
+        h = h + torch.bmm(diffused, weight[:, 1:].transpose(0, 1).transpose(1, 2)).sum(0).view_as(h)
         return F.dropout(h, self.dropout, training=self.training)
 
 
@@ -113,19 +130,37 @@ class GWNET(nn.Module):
         if x.shape[1] > self.receptive_field:
             raise ValueError(f"x: expected at most {self.receptive_field} input steps (the receptive field), "
                              f"got {x.shape[1]}")
-        h = F.pad(x.permute(0, 3, 2, 1), (self.receptive_field - x.shape[1], 0))  # (B, C, N, 13)
-        h = self.start_conv(h)
-        supports = torch.cat([self.supports, self.adaptive_adjacency()[None]])
+        # Node-major, channels-last (N, B, L, C): every 1x1 conv is a GEMM on the last axis and every
+        # graph hop a GEMM on the first, where the published (B, C, N, L) layout needs convolutions and
+        # permute copies. The same weights and the same arithmetic, in another order of summation.
+        h = F.pad(x.permute(2, 0, 1, 3), (0, 0, self.receptive_field - x.shape[1], 0))  # (N, B, 13, C)
+        h = _pointwise(self.start_conv, h)
+        supports_t = torch.cat([self.supports, self.adaptive_adjacency()[None]]).transpose(1, 2).contiguous()
         skip = 0
         for i in range(len(self.filter_convs)):
             residual = h
-            h = torch.tanh(self.filter_convs[i](residual)) * torch.sigmoid(self.gate_convs[i](residual))
-            s = self.skip_convs[i](h)
-            skip = s if i == 0 else s + skip[..., -s.shape[-1]:]
-            h = self.gconv[i](h, supports) + residual[..., -h.shape[-1]:]
-            h = self.bn[i](h)
-        out = self.end_conv_2(torch.relu(self.end_conv_1(torch.relu(skip))))
-        return out  # (B, out_dim, N, 1): horizons on the channel axis
+            filtered, gate = self._dilated_filter_and_gate(i, residual).chunk(2, dim=-1)
+            h = torch.tanh(filtered) * torch.sigmoid(gate)
+            s = _pointwise(self.skip_convs[i], h)
+            skip = s if i == 0 else s + skip[:, :, -s.shape[2]:]
+            h = self.gconv[i](h, supports_t) + residual[:, :, -h.shape[2]:]
+            h = self.bn[i](h.reshape(-1, h.shape[-1], 1, 1)).view_as(h)  # statistics over (N, B, L), per channel
+        out = _pointwise(self.end_conv_2, torch.relu(_pointwise(self.end_conv_1, torch.relu(skip))))
+        return out.permute(1, 3, 0, 2)  # (B, out_dim, N, 1): horizons on the channel axis, as published
+
+    def _dilated_filter_and_gate(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        """Layer ``i``'s filter and gate convs (kernel (1, k), dilation d): one GEMM of every tap over the
+        contiguous ``h``, then each tap's output shifted by ``tap * d`` steps and summed."""
+        filter_conv, gate_conv = self.filter_convs[i], self.gate_convs[i]
+        dilation, taps = filter_conv.dilation[1], filter_conv.kernel_size[1]
+        length = h.shape[2] - dilation * (taps - 1)
+        weight = torch.cat([filter_conv.weight, gate_conv.weight])[:, :, 0]  # (2 D, C, k)
+        per_tap = F.linear(h, weight.permute(2, 0, 1).flatten(0, 1))  # (N, B, L, k * 2 D), tap-major
+        out = per_tap[:, :, :length, : weight.shape[0]] + torch.cat([filter_conv.bias, gate_conv.bias])
+        for tap in range(1, taps):
+            start = tap * dilation
+            out = out + per_tap[:, :, start:start + length, tap * weight.shape[0]:(tap + 1) * weight.shape[0]]
+        return out
 
     def dead_weights(self) -> list[str]:
         """Names of the parameters no gradient reaches (see the module docstring)."""
@@ -134,21 +169,41 @@ class GWNET(nn.Module):
         return [name for name, _ in self.named_parameters() if name.startswith(dead)]
 
 
-_PUBLISHED = ("METR-LA",)
+# XDZhelheim/Torch-MTS configs/GWNET.yaml: what each dataset's section changes from METRLA's.
+_PUBLISHED = {
+    "METR-LA": {}, "PEMS-BAY": {}, "PEMS03": {}, "PEMS07": {},
+    "PEMS04": {"training": {"early_stop": 15, "max_epochs": 500}},
+    "PEMS08": {"training": {"early_stop": 15, "max_epochs": 300}},
+}
 
 
 def config(dataset: str) -> dict:
-    """Torch-MTS ``configs/GWNET.yaml`` (METRLA); unset keys take its trainer's defaults
-    (early stop 10, eps 1e-8, decay 0.1, no clipping)."""
+    """Torch-MTS ``configs/GWNET.yaml`` per dataset; unset keys take its trainer's defaults (early stop
+    10, eps 1e-8, decay 0.1, no clipping). LargeST's runs on its four datasets."""
     dataset = configs.canonical_dataset(dataset)
-    if dataset not in _PUBLISHED:
-        raise ValueError(f"dataset: expected one of {list(_PUBLISHED)} for gwnet (spec gives no other), "
-                         f"got {dataset!r}")
+    if dataset in configs.LARGEST_DATASETS:
+        return mark(_largest_config(dataset), PUBLISHED, "liuxu77/LargeST experiments/gwnet")
     info = configs.DATASETS[dataset]
     model = dict(num_nodes=info.num_nodes, in_dim=2, out_dim=12, dropout=0.3, residual_channels=32,
                  dilation_channels=32, skip_channels=256, end_channels=512, kernel_size=2, blocks=4, layers=2)
     training = dict(batch_size=64, max_epochs=200, early_stop=10, lr=1e-3, eps=1e-8, weight_decay=1e-4,
                     milestones=[40], lr_decay_rate=0.1, clip_grad=0.0, loss=info.loss, in_steps=12, out_steps=12)
+    return for_dataset(dataset, {"model": model, "training": training}, _PUBLISHED, TORCH_MTS_SOURCE)
+
+
+# LargeST (liuxu77/LargeST experiments/gwnet/run.sh): batch 64, and 44 on CA to fit its 48 GB GPU.
+_LARGEST_BATCH = {"SD": 64, "GBA": 64, "GLA": 64, "CA": 44}
+
+
+def _largest_config(dataset: str) -> dict:
+    """LargeST's GWNet run (``experiments/gwnet/main.py``): the METR-LA sizes, 100 epochs, patience 30,
+    gradient clipping 5, no LR schedule. LargeST feeds 3 input channels; the zoo's GWNet keeps its 2."""
+    info = configs.DATASETS[dataset]
+    model = dict(num_nodes=info.num_nodes, in_dim=2, out_dim=12, dropout=0.3, residual_channels=32,
+                 dilation_channels=32, skip_channels=256, end_channels=512, kernel_size=2, blocks=4, layers=2)
+    training = dict(batch_size=_LARGEST_BATCH[dataset], max_epochs=100, early_stop=30, lr=1e-3, eps=1e-8,
+                    weight_decay=1e-4, milestones=[], lr_decay_rate=0.1, clip_grad=5.0, loss=info.loss,
+                    in_steps=12, out_steps=12)
     return {"model": model, "training": training}
 
 

@@ -10,6 +10,7 @@ from torch import nn
 
 from .. import configs
 from .._checks import check_tensor
+from .dataset_configs import PUBLISHED, mark
 from .spec import ModelSpec
 
 SPEC = ModelSpec("hi", x_channels=(0,))
@@ -32,7 +33,8 @@ class HistoricalInertia(nn.Module):
 
 
 def config(dataset: str) -> dict:
-    return configs.hi_config(dataset)
+    """Nothing to choose: the last observed value, repeated (the same on every dataset)."""
+    return mark(configs.hi_config(dataset), PUBLISHED, "historical inertia: no hyper-parameters")
 
 
 def build(model_args: dict, context=None, backend: str = "reference") -> HistoricalInertia:

@@ -26,10 +26,12 @@ from torch import nn
 from .. import configs
 from .._checks import check_tensor
 from .dcgru import sampling_threshold
+from .dataset_configs import TORCH_MTS_DATASETS, for_dataset
 from .spec import ModelSpec
 
 SPEC = ModelSpec("megacrn", x_channels=(0,), takes_y_cov=True, y_cov_channels=(0,), teacher_forcing=True)
 BACKENDS = ("reference",)
+TORCH_MTS_SOURCE = "XDZhelheim/Torch-MTS configs/MegaCRN.yaml"
 
 SEPARATE_LOSS_WEIGHT = 0.01  # triplet margin loss
 COMPACT_LOSS_WEIGHT = 0.01  # MSE between query and its nearest memory row
@@ -187,11 +189,8 @@ class MegaCRN(nn.Module):
 
 
 def config(dataset: str) -> dict:
-    """The published METR-LA configuration (Torch-MTS configs/MegaCRN.yaml; spec section 11)."""
+    """Torch-MTS configs/MegaCRN.yaml (spec section 11): the same settings on all six datasets."""
     name = configs.canonical_dataset(dataset)
-    if name != "METR-LA":
-        raise ValueError(f"dataset: expected 'METR-LA' (the only configuration the spec gives for megacrn), "
-                         f"got {dataset!r}")
     info = configs.DATASETS[name]
     model = dict(num_nodes=info.num_nodes, input_dim=1, output_dim=1, horizon=12, rnn_units=64, num_layers=1,
                  cheb_k=3, ycov_dim=1, mem_num=20, mem_dim=64, tf_decay_steps=2000, use_teacher_forcing=True)
@@ -199,7 +198,8 @@ def config(dataset: str) -> dict:
     training = dict(batch_size=64, max_epochs=200, early_stop=20, lr=0.01, eps=1e-3, weight_decay=0.0,
                     milestones=[50, 100], lr_decay_rate=0.1, clip_grad=5.0, loss=info.loss,
                     in_steps=12, out_steps=12)
-    return {"model": model, "training": training}
+    return for_dataset(name, {"model": model, "training": training}, dict.fromkeys(TORCH_MTS_DATASETS, {}),
+                       TORCH_MTS_SOURCE)
 
 
 def build(model_args: dict, context=None, backend: str = "reference") -> MegaCRN:

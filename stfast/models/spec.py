@@ -3,9 +3,12 @@
 A zoo model lives in ``stfast/models/<name>.py`` and exports:
 
 - ``SPEC``: a :class:`ModelSpec`;
-- ``config(dataset) -> {"model": {...}, "training": {...}}``: the published configuration (model
-  keyword arguments incl. ``num_nodes``; training keys as in ``stfast.configs``), raising
-  ``ValueError`` naming ``dataset`` where none is published;
+- ``config(dataset) -> {"model": {...}, "training": {...}, "origin": ..., "source": ...}``: the
+  configuration on any dataset of ``stfast.configs.DATASETS`` (model keyword arguments incl.
+  ``num_nodes``; training keys as in ``stfast.configs``): the published one where there is one, else
+  the model's reference hyper-parameters with the dataset's shape, ``origin`` saying which (see
+  :mod:`.dataset_configs`); an optional ``"x_channels"`` replaces ``SPEC.x_channels`` where a
+  dataset's published inputs differ;
 - ``build(model_args, context) -> nn.Module``: ``context`` is a :class:`BuildContext` (graph and
   training series for the models that need them; a model that needs one raises a clear error
   naming it when it is missing).

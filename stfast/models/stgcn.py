@@ -28,12 +28,14 @@ from torch import nn
 from .. import configs
 from .._checks import check_tensor
 from .graph_ops import check_adjacency, stgcn_normalized_laplacian
+from .dataset_configs import for_dataset
 from .spec import ModelSpec
 
 __all__ = ["SPEC", "BACKENDS", "STGCN", "config", "build"]
 
 SPEC = ModelSpec("stgcn", x_channels=(0,), needs_graph=True)
 BACKENDS = ("reference",)
+TORCH_MTS_SOURCE = "XDZhelheim/Torch-MTS configs/STGCN.yaml"
 
 
 class Align(nn.Module):
@@ -180,21 +182,20 @@ class STGCN(nn.Module):
                 if isinstance(m, Align) and not m.uses_conv for p in ("weight", "bias")]
 
 
-_PUBLISHED = ("METR-LA",)
+# XDZhelheim/Torch-MTS configs/STGCN.yaml: what each dataset's section changes from METRLA's.
+_PUBLISHED = {"METR-LA": {}, **{name: {"training": {"milestones": [30, 50]}}
+                                for name in ("PEMS-BAY", "PEMS03", "PEMS04", "PEMS07", "PEMS08")}}
 
 
 def config(dataset: str) -> dict:
-    """Torch-MTS ``configs/STGCN.yaml`` (METRLA); unset keys take its trainer's defaults (eps, decay 0.1)."""
+    """Torch-MTS ``configs/STGCN.yaml`` per dataset; unset keys take its trainer's defaults (eps, decay 0.1)."""
     dataset = configs.canonical_dataset(dataset)
-    if dataset not in _PUBLISHED:
-        raise ValueError(f"dataset: expected one of {list(_PUBLISHED)} for stgcn (spec gives no other), "
-                         f"got {dataset!r}")
     info = configs.DATASETS[dataset]
     model = dict(num_nodes=info.num_nodes, Kt=3, Ks=3, blocks=[[1], [64, 16, 64], [64, 16, 64], [128, 128], [12]],
                  T=12, bias=True, dropout=0.5)
     training = dict(batch_size=64, max_epochs=200, early_stop=20, lr=1e-3, eps=1e-8, weight_decay=1e-4,
                     milestones=[50], lr_decay_rate=0.1, clip_grad=5.0, loss=info.loss, in_steps=12, out_steps=12)
-    return {"model": model, "training": training}
+    return for_dataset(dataset, {"model": model, "training": training}, _PUBLISHED, TORCH_MTS_SOURCE)
 
 
 def build(model_args: dict, context=None, backend: str = "reference") -> STGCN:

@@ -23,10 +23,12 @@ from torch import nn
 
 from .. import configs
 from .._checks import check_tensor
+from .dataset_configs import TORCH_MTS_DATASETS, for_dataset
 from .spec import ModelSpec
 
 SPEC = ModelSpec("stwa", x_channels=(0,))
 BACKENDS = ("reference",)
+TORCH_MTS_SOURCE = "XDZhelheim/Torch-MTS configs/STWA.yaml"
 
 # (cuts, cut_size) of the three layers (Torch-MTS STWA); each layer outputs `cuts` steps.
 LAYER_CUTS = ((12, 6), (3, 4), (1, 3))
@@ -228,17 +230,16 @@ class STWA(nn.Module):
 
 
 def config(dataset: str) -> dict:
-    """XDZhelheim/Torch-MTS:configs/STWA.yaml (METRLA); only METR-LA is given by the spec."""
+    """XDZhelheim/Torch-MTS:configs/STWA.yaml: the same settings on all six datasets."""
     name = configs.canonical_dataset(dataset)
-    if name != "METR-LA":
-        raise ValueError(f"dataset: expected 'METR-LA' (the only published ST-WA configuration here), got {dataset!r}")
     info = configs.DATASETS[name]
     model = dict(num_nodes=info.num_nodes, input_dim=1, output_dim=1, channels=16, dynamic=True, lag=12,
                  horizon=12, memory_size=16)
     # Torch-MTS defaults fill what the YAML leaves out: Adam eps 1e-8, no weight decay.
     training = dict(batch_size=16, max_epochs=200, early_stop=15, lr=1e-3, eps=1e-8, weight_decay=0.0,
                     milestones=[], lr_decay_rate=0.1, clip_grad=0.0, loss=info.loss, in_steps=12, out_steps=12)
-    return {"model": model, "training": training}
+    return for_dataset(name, {"model": model, "training": training}, dict.fromkeys(TORCH_MTS_DATASETS, {}),
+                       TORCH_MTS_SOURCE)
 
 
 def build(model_args: dict, context=None, backend: str = "reference") -> STWA:

@@ -16,6 +16,7 @@ is where the work goes (``shared/specs/himnet.md``, "Where the time goes"):
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from .. import ops
@@ -49,8 +50,9 @@ class HimGCN(reference.HimGCN):
         ``(D, K*C, O)`` and ``(D, K*H, O)`` (rows are ordered Chebyshev term, then channel)."""
         dim, rows, out = self.weights_pool.shape
         per_term = self.weights_pool.view(dim, self.cheb_k, rows // self.cheb_k, out)
-        return (per_term[:, :, :input_dim].reshape(dim, -1, out),
-                per_term[:, :, input_dim:].reshape(dim, -1, out))
+        state_dim = rows // self.cheb_k - input_dim
+        return (per_term[:, :, :input_dim].reshape(dim, self.cheb_k * input_dim, out),
+                per_term[:, :, input_dim:].reshape(dim, self.cheb_k * state_dim, out))
 
 
 class HimGCRU(reference.HimGCRU):
@@ -91,7 +93,7 @@ class HimGCRU(reference.HimGCRU):
 def _generate(embeddings, pool):
     """``W = E @ P``: ``(N or B, I, O)`` from ``E (N or B, D)`` and ``P (D, I, O)``."""
     dim, rows, out = pool.shape
-    return (embeddings @ pool.reshape(dim, rows * out)).view(-1, rows, out)
+    return (embeddings @ pool.reshape(dim, rows * out)).view(embeddings.shape[0], rows, out)
 
 
 def _apply(xg, weights, axis):
@@ -100,7 +102,7 @@ def _apply(xg, weights, axis):
         return torch.einsum("...ni,nio->...no", xg, weights)
     if xg.dim() == 4:  # (B, T, N, I): one weight per sample for all its steps and nodes
         batch, steps, nodes, rows = xg.shape
-        return torch.bmm(xg.reshape(batch, steps * nodes, rows), weights).view(batch, steps, nodes, -1)
+        return torch.bmm(xg.reshape(batch, steps * nodes, rows), weights).view(batch, steps, nodes, weights.shape[-1])
     return torch.bmm(xg, weights)
 
 
@@ -126,7 +128,60 @@ class HimDecoder(reference.HimDecoder):
 
 
 class HimNet(reference.HimNet):
-    """Drop-in fused HimNet; see the module docstring."""
+    """Drop-in fused HimNet; see the module docstring.
+
+    ``forward`` also takes ``teacher_forcing``: a bool tensor ``(out_steps,)`` of the decoder steps
+    that feed the label instead of the prediction. Left ``None`` while training, the steps are drawn
+    with NumPy as published (:meth:`draw_teacher_forcing`), a host-side choice that
+    ``torch.compile(fullgraph=True)`` and CUDA graphs cannot capture; passed in, the choice is a
+    device-side select and the whole forward and backward are one static graph.
+    """
 
     encoder_class = HimEncoder
     decoder_class = HimDecoder
+
+    def draw_teacher_forcing(self, batches_seen) -> torch.Tensor:
+        """The published per-step draws (``np.random.uniform() < threshold``, in decoding order and
+        from the same NumPy stream as the reference) as a bool tensor ``(out_steps,)``."""
+        draws = np.random.uniform(0, 1, size=self.out_steps)
+        return torch.from_numpy(draws < self.compute_sampling_threshold(batches_seen))
+
+    def forward(self, x, y_cov, labels=None, batches_seen=None, teacher_forcing=None):
+        forcing = self.training and self.use_teacher_forcing
+        self.check_inputs(x, y_cov, labels, batches_seen if teacher_forcing is None else 0)
+        if forcing:
+            _check_teacher_forcing(teacher_forcing, self.out_steps, x.device)
+        time_embedding = self.time_embedding(x)
+        support = reference.adaptive_support(self.node_embedding)
+        h_s, _ = self.encoder_s(x, support, self.node_embedding)
+        h_t, _ = self.encoder_t(x, support, time_embedding)
+        h_last = (h_s + h_t)[:, -1]
+
+        st_embedding = self.st_proj(h_last)
+        st_support = reference.adaptive_support(st_embedding)
+
+        states = [h_last] * self.num_layers
+        go = x.new_zeros(x.shape[0], self.num_nodes, self.output_dim)
+        out = []
+        for t in range(self.out_steps):
+            h_de, states = self.decoder(torch.cat([go, y_cov[:, t]], dim=-1), states, st_support, st_embedding)
+            go = self.out_proj(h_de)
+            out.append(go)
+            if not forcing:
+                continue
+            if teacher_forcing is None:  # the published host-side draw, one per step
+                if np.random.uniform(0, 1) < self.compute_sampling_threshold(batches_seen):
+                    go = labels[:, t]
+            else:
+                go = torch.where(teacher_forcing[t], labels[:, t].to(go.dtype), go)
+        return torch.stack(out, dim=1)
+
+
+def _check_teacher_forcing(teacher_forcing, out_steps, device) -> None:
+    if teacher_forcing is None:
+        return
+    if not isinstance(teacher_forcing, torch.Tensor) or teacher_forcing.dtype != torch.bool:
+        raise TypeError(f"teacher_forcing: expected a bool tensor of shape ({out_steps},), got {teacher_forcing!r}")
+    if tuple(teacher_forcing.shape) != (out_steps,) or teacher_forcing.device != device:
+        raise ValueError(f"teacher_forcing: expected a bool tensor of shape ({out_steps},) on {device}, got shape "
+                         f"{tuple(teacher_forcing.shape)} on {teacher_forcing.device}")

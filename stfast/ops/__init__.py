@@ -12,6 +12,9 @@ from ._ext import cuda_tensor_cores
 from .backends import available_backends, current_backend, resolve_backend, set_backend, use_backend
 from .meta_gconv import gconv, meta_gconv
 from .node_lora import node_lora
+from ._autocast import register_autocast_rules
+
+register_autocast_rules()  # torch.autocast behaviour of the ops above
 
 __all__ = [
     "available_backends",

@@ -9,6 +9,8 @@ per-sample weight ``(N | B, I, O)`` built once per call for the S and T axes.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 # Measured on CPU (2 shared threads, fp32) at the METR-LA decoder shape B=16, N=207, C=67, K=2,
@@ -36,7 +38,7 @@ def chebyshev_features(x, supports, cheb_k: int) -> torch.Tensor:
 def chebyshev_backward(grad_xg, xg, supports, cheb_k: int, need_supports: bool):
     """Gradients of ``x`` and of the supports from the gradient of the propagated features."""
     channels = grad_xg.shape[-1] // cheb_k
-    grads = list(grad_xg.split(channels, dim=-1))
+    grads = [grad_xg[..., k * channels:(k + 1) * channels] for k in range(cheb_k)]  # also for channels == 0
     if cheb_k == 1:  # T_0 = I: the supports do not take part
         return grads[0], torch.zeros_like(supports) if need_supports else None
     adjoint = supports.transpose(-1, -2)
@@ -98,20 +100,28 @@ def reduce_to_axis(rows, axis: str, batch: int, nodes: int) -> torch.Tensor:
     return rows
 
 
+# Every reshape below spells its sizes out: a -1 is ambiguous (an error) when a tensor is empty.
+
 def _outer_forward(xg, e_rows, pool):
     rows, dim = e_rows.shape
-    z = (e_rows.unsqueeze(2) * xg.unsqueeze(1)).reshape(rows, -1)
-    return z @ pool.reshape(-1, pool.shape[-1])
+    z = (e_rows.unsqueeze(2) * xg.unsqueeze(1)).reshape(rows, dim * xg.shape[-1])
+    return z @ _pool_rows(pool)
+
+
+def _pool_rows(pool):
+    """``P (D, I, O)`` as ``(D*I, O)``."""
+    dim, inputs, outputs = pool.shape
+    return pool.reshape(dim * inputs, outputs)
 
 
 def _outer_backward(grad, xg, e_rows, pool, need):
     rows, dim = e_rows.shape
     d_xg = d_e = d_pool = None
     if need["pool"]:
-        z = (e_rows.unsqueeze(2) * xg.unsqueeze(1)).reshape(rows, -1)
+        z = (e_rows.unsqueeze(2) * xg.unsqueeze(1)).reshape(rows, dim * xg.shape[-1])
         d_pool = (z.t() @ grad).reshape(pool.shape)
     if need["xg"] or need["e"]:
-        d_z = (grad @ pool.reshape(-1, pool.shape[-1]).t()).reshape(rows, dim, -1)
+        d_z = (grad @ _pool_rows(pool).t()).reshape(rows, dim, xg.shape[-1])
         if need["e"]:
             d_e = torch.bmm(d_z, xg.unsqueeze(2)).squeeze(2)
         if need["xg"]:
@@ -127,7 +137,7 @@ def _pool_by_input(pool):
 
 def _contract_forward(xg, e_rows, pool):
     rows, dim = e_rows.shape
-    u = (xg @ _pool_by_input(pool)).reshape(rows, dim, -1)
+    u = (xg @ _pool_by_input(pool)).reshape(rows, dim, pool.shape[-1])
     return torch.bmm(e_rows.unsqueeze(1), u).squeeze(1)
 
 
@@ -136,14 +146,14 @@ def _contract_backward(grad, xg, e_rows, pool, need):
     pool_by_input = _pool_by_input(pool)
     d_xg = d_e = d_pool = None
     if need["e"]:
-        u = (xg @ pool_by_input).reshape(rows, dim, -1)
+        u = (xg @ pool_by_input).reshape(rows, dim, pool.shape[-1])
         d_e = torch.bmm(u, grad.unsqueeze(2)).squeeze(2)
     if need["xg"] or need["pool"]:
-        d_u = (e_rows.unsqueeze(2) * grad.unsqueeze(1)).reshape(rows, -1)
+        d_u = (e_rows.unsqueeze(2) * grad.unsqueeze(1)).reshape(rows, dim * pool.shape[-1])
         if need["xg"]:
             d_xg = d_u @ pool_by_input.t()
         if need["pool"]:
-            d_pool = (xg.t() @ d_u).reshape(pool.shape[1], dim, -1).permute(1, 0, 2)
+            d_pool = (xg.t() @ d_u).reshape(pool.shape[1], dim, pool.shape[-1]).permute(1, 0, 2)
     return d_xg, d_e, d_pool
 
 
@@ -154,7 +164,7 @@ def _meta_major(t, axis: str):
 
 def _hoisted_weights(embeddings, pool):
     dim, inputs, outputs = pool.shape
-    return (embeddings @ pool.reshape(dim, -1)).reshape(-1, inputs, outputs)
+    return (embeddings @ pool.reshape(dim, inputs * outputs)).reshape(embeddings.shape[0], inputs, outputs)
 
 
 def _hoisted_forward(xg, embeddings, pool, axis):
@@ -163,7 +173,7 @@ def _hoisted_forward(xg, embeddings, pool, axis):
 
 
 def _hoisted_backward(grad, xg, embeddings, pool, axis, need):
-    dim = pool.shape[0]
+    dim, inputs, outputs = pool.shape
     grad_major = _meta_major(grad, axis)
     d_xg = d_e = d_pool = None
     if need["xg"]:
@@ -171,12 +181,17 @@ def _hoisted_backward(grad, xg, embeddings, pool, axis, need):
         d_xg = _meta_major(torch.bmm(grad_major, weights.transpose(1, 2)), axis)
     if need["e"] or need["pool"]:
         d_weights = torch.bmm(_meta_major(xg, axis).transpose(1, 2), grad_major)
-        d_weights = d_weights.reshape(d_weights.shape[0], -1)
+        d_weights = d_weights.reshape(d_weights.shape[0], inputs * outputs)
         if need["e"]:
-            d_e = d_weights @ pool.reshape(dim, -1).t()
+            d_e = d_weights @ pool.reshape(dim, inputs * outputs).t()
         if need["pool"]:
             d_pool = (embeddings.t() @ d_weights).reshape(pool.shape)
     return d_xg, d_e, d_pool
+
+
+def _flat_rows(t):
+    """``(..., F)`` as ``(prod(...), F)``."""
+    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
 
 
 def meta_linear_forward(xg, embeddings, pool, bias_pool, axis: str, formulation=None):
@@ -188,7 +203,7 @@ def meta_linear_forward(xg, embeddings, pool, bias_pool, axis: str, formulation=
     else:
         e_rows = row_embeddings(embeddings, axis, batch, nodes)
         forward = _outer_forward if formulation == "outer" else _contract_forward
-        out = forward(xg.reshape(-1, inputs), e_rows, pool).reshape(batch, nodes, -1)
+        out = forward(xg.reshape(batch * nodes, inputs), e_rows, pool).reshape(batch, nodes, pool.shape[-1])
     if bias_pool is not None:
         bias = embeddings @ bias_pool
         out = out + (bias.unsqueeze(1) if axis == "T" else bias)
@@ -205,17 +220,17 @@ def meta_linear_backward(grad, xg, embeddings, pool, bias_pool, axis: str, need,
     else:
         e_rows = row_embeddings(embeddings, axis, batch, nodes)
         backward = _outer_backward if formulation == "outer" else _contract_backward
-        grad_rows = grad.reshape(batch * nodes, -1)
-        d_xg, d_e, d_pool = backward(grad_rows, xg.reshape(-1, inputs), e_rows, pool, need)
+        grad_rows = grad.reshape(batch * nodes, grad.shape[-1])
+        d_xg, d_e, d_pool = backward(grad_rows, xg.reshape(batch * nodes, inputs), e_rows, pool, need)
         d_xg = None if d_xg is None else d_xg.reshape(batch, nodes, inputs)
         d_e = None if d_e is None else reduce_to_axis(d_e, axis, batch, nodes)
     d_bias = None
     if bias_pool is not None and (need["e"] or need["bias"]):
-        grad_axis = reduce_to_axis(grad.reshape(batch * nodes, -1), axis, batch, nodes)
+        grad_axis = reduce_to_axis(grad.reshape(batch * nodes, grad.shape[-1]), axis, batch, nodes)
         if need["e"]:
             d_e = d_e + grad_axis @ bias_pool.t()
         if need["bias"]:
-            d_bias = embeddings.reshape(-1, embeddings.shape[-1]).t() @ grad_axis.reshape(-1, grad.shape[-1])
+            d_bias = _flat_rows(embeddings).t() @ _flat_rows(grad_axis)
     return d_xg, d_e, d_pool, d_bias
 
 
@@ -255,8 +270,8 @@ def gconv_backward(grad, out, x, supports, weight, bias, cheb_k, activation, nee
     need_supports = need_supports and supports is not None
     grad = activation_backward(grad.contiguous(), out, activation)
     xg = chebyshev_features(x, supports, cheb_k)
-    rows = grad.reshape(-1, grad.shape[-1])
-    d_weight = xg.reshape(-1, xg.shape[-1]).t() @ rows if need_weight else None
+    rows = _flat_rows(grad)
+    d_weight = _flat_rows(xg).t() @ rows if need_weight else None
     d_bias = rows.sum(0) if need_bias and bias is not None else None
     d_x = d_supports = None
     if need_x or need_supports:

@@ -20,6 +20,8 @@ the same seed they are different masks.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 __all__ = ["LEAKY_RELU_SLOPE", "activate", "activation_grad", "dropout_mask", "mix_seed",
@@ -75,8 +77,8 @@ def activation_grad(grad: torch.Tensor, h: torch.Tensor, activation) -> torch.Te
 
 
 def _as_rows(x: torch.Tensor) -> torch.Tensor:
-    """``(..., N, F)`` as ``(M, N, F)``."""
-    return x.reshape(-1, x.shape[-2], x.shape[-1])
+    """``(..., N, F)`` as ``(M, N, F)`` (M spelled out: a -1 is ambiguous when x is empty)."""
+    return x.reshape(math.prod(x.shape[:-2]), x.shape[-2], x.shape[-1])
 
 
 def _low_rank_input(x3, dropout_p, seed, offset):

@@ -6,9 +6,11 @@ backend also needs its environment probe in ``_PROBES``.
 
 Selection order: an explicit :func:`set_backend` / :func:`use_backend` choice, else the
 ``STFAST_BACKEND`` environment variable (read whenever no explicit choice is active, so it can be
-changed at run time), else ``"auto"``. ``"auto"`` picks, for the tensor's device, the first
-available backend in ``_AUTO_PREFERENCE``. A forced backend that cannot run raises when an op is
-called, with a message giving every backend and why it can or cannot run.
+changed at run time), else ``"auto"``. ``"auto"`` picks, on CPU, the first available backend in
+``_AUTO_PREFERENCE``; on a CUDA device, the measured winner for the op and dtype on a device of that
+name (``stfast/ops/_auto_table.py``, written by ``bench/auto_table.py`` on a GPU), else ``torch``.
+A forced backend that cannot run raises when an op is called, with a message giving every backend
+and why it can or cannot run.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ __all__ = [
     "register_impl",
     "resolve_backend",
     "set_backend",
+    "tf32_matmul_allowed",
     "use_backend",
     "lookup_impl",
     "implementation",
@@ -57,9 +60,9 @@ _CHOICES = ("auto",) + BACKENDS
 #   (64, 207, 64, 64)     1.79 / 1.41      5.78 / 4.84
 # cpu is faster or tied everywhere (1.08-1.37x forward, 0.98-1.40x forward+backward). gconv has no
 # cpu kernel and falls back to torch.
-# CUDA: "torch" first until the GPU tests and benchmarks have run: the triton kernels are tested
-# only under the interpreter and the cuda kernels only compiled and run in a CPU emulation, so
-# neither is yet verified or measured on a GPU. Force them with use_backend("triton") / ("cuda").
+# CUDA: the measured winner of _auto_table.WINNERS for the device's name, op and dtype (see
+# _auto_winner), else "torch": a kernel backend is chosen only where a GPU session measured it faster
+# on that device. The order below is the fallback when the winner cannot run there.
 _AUTO_PREFERENCE = {
     "cuda": ("torch", "triton", "cuda"),
     "cpu": ("cpu", "torch"),
@@ -179,12 +182,56 @@ def use_backend(name: str):
         _explicit_choice = previous
 
 
+def tf32_matmul_allowed() -> bool:
+    """Whether fp32 matmuls may run as TF32, as the user set it through either of PyTorch's APIs.
+
+    The new API (``torch.backends.cuda.matmul.fp32_precision = "tf32" | "ieee"``, torch >= 2.9) is
+    read first: once it is set, the legacy getter ``torch.get_float32_matmul_precision()`` raises
+    ("mix of the legacy and new APIs"). Its ``"none"`` defers to ``torch.backends.fp32_precision``,
+    then to the legacy setting (``torch.set_float32_matmul_precision("high" | "medium")`` or
+    ``torch.backends.cuda.matmul.allow_tf32``, which the new attribute reflects).
+    """
+    for owner in (torch.backends.cuda.matmul, torch.backends):
+        value = getattr(owner, "fp32_precision", None)
+        if value is not None and value != "none":
+            return value == "tf32"
+    try:
+        return torch.get_float32_matmul_precision() != "highest"
+    except RuntimeError:  # a mixed state the attributes above did not resolve: IEEE, the safe side
+        return False
+
+
+def _auto_winner(op: str, device: torch.device, dtype) -> str | None:
+    """The measured winner of ``op`` for ``dtype`` on a CUDA device of this name, or None."""
+    from ._auto_table import WINNERS
+
+    if not WINNERS or device.type != "cuda":
+        return None
+    name = _device_name(device.index if device.index is not None else torch.cuda.current_device())
+    dtype_name = str(dtype if dtype is not None else torch.float32).removeprefix("torch.")
+    return WINNERS.get(name, {}).get(f"{op}/{dtype_name}")
+
+
+_DEVICE_NAMES: dict[int, str] = {}
+
+
+def _device_name(index: int) -> str:
+    if index not in _DEVICE_NAMES:
+        _DEVICE_NAMES[index] = torch.cuda.get_device_name(index)
+    return _DEVICE_NAMES[index]
+
+
+# Traced by torch.compile as a constant (as _ext.status): no device query inside a graph.
+_auto_winner._dynamo_marked_constant = True
+
+
 def _describe(status: dict[str, bool | str]) -> str:
     return "; ".join(f"{name}: {'available' if ok is True else ok}" for name, ok in status.items())
 
 
-def resolve_backend(op: str, device) -> str:
-    """The concrete backend that will run ``op`` on ``device`` under the current selection."""
+def resolve_backend(op: str, device, dtype=None) -> str:
+    """The concrete backend that will run ``op`` on ``device`` (inputs of ``dtype``, default fp32)
+    under the current selection."""
     device = torch.device(device)
     status = available_backends(device, op)
     choice = current_backend()
@@ -195,15 +242,18 @@ def resolve_backend(op: str, device) -> str:
                 f"All backends: {_describe(status)}"
             )
         return choice
+    winner = _auto_winner(op, device, dtype)
+    if winner is not None and status.get(winner) is True:
+        return winner
     for name in _AUTO_PREFERENCE.get(device.type, ("torch",)):
         if status[name] is True:
             return name
     raise RuntimeError(f"no backend can run {op} on {device.type}. All backends: {_describe(status)}")
 
 
-def lookup_impl(op: str, device) -> Callable:
-    """The implementation of ``op`` for ``device`` under the current selection."""
-    return _IMPLS[resolve_backend(op, device)][op]
+def lookup_impl(op: str, device, dtype=None) -> Callable:
+    """The implementation of ``op`` for ``device`` (and ``dtype``) under the current selection."""
+    return _IMPLS[resolve_backend(op, device, dtype)][op]
 
 
 def implementation(backend: str, op: str, device) -> Callable:

@@ -14,7 +14,8 @@ import torch
 from torch import Tensor
 
 from .._checks import check_same_device_dtype, check_tensor
-from . import _torch_gconv, backends
+from . import _support, _torch_gconv, backends
+from ._autocast import autocast_inputs
 
 __all__ = ["meta_gconv", "gconv", "resolve_axis", "ACTIVATIONS", "AXES"]
 
@@ -111,6 +112,11 @@ def resolve_axis(x: Tensor, embeddings: Tensor, axis: Optional[str] = None) -> s
     )
 
 
+def _is_empty(x: Tensor, weights: Tensor) -> bool:
+    """A zero-sized B, N, C (x) or D, cheb_k*C, O (the weights): the torch formulation computes it."""
+    return x.numel() == 0 or weights.numel() == 0
+
+
 def _empty_unless(grad, needed: bool, like: Tensor) -> Tensor:
     # Custom ops return Tensors, not None: an unneeded gradient is an empty tensor.
     return grad if needed and grad is not None else like.new_empty(0)
@@ -131,7 +137,7 @@ def _meta_gconv_op(
     backend: str,
 ) -> Tensor:
     check_meta_gconv_inputs(x, supports, embeddings, weights_pool, bias_pool, cheb_k, activation, axis)
-    impl = backends.implementation(backend, "meta_gconv", x.device)
+    impl = _support.kernel(backend, "meta_gconv", x.device, x.dtype, empty=_is_empty(x, weights_pool))
     return impl(x, supports, embeddings, weights_pool, bias_pool, cheb_k, activation, axis)
 
 
@@ -156,7 +162,7 @@ def _meta_gconv_backward_op(
     backend: str,
     needs: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    impl = backends.implementation(backend, "meta_gconv_backward", x.device)
+    impl = _support.kernel(backend, "meta_gconv_backward", x.device, x.dtype, empty=_is_empty(x, weights_pool))
     grads = impl(grad, out, x, supports, embeddings, weights_pool, bias_pool, cheb_k, activation, axis, needs)
     return tuple(_empty_unless(g, need, x) for g, need in zip(grads, needs))
 
@@ -185,6 +191,7 @@ def _meta_gconv_backward(ctx, grad):
 
 
 _meta_gconv_op.register_autograd(_meta_gconv_backward, setup_context=_meta_gconv_setup_context)
+_meta_gconv_backward_op.register_autograd(_support.refuse_double_backward("meta_gconv"))
 
 
 def meta_gconv(x, supports, embeddings, weights_pool, bias_pool, cheb_k, activation=None, *, axis=None):
@@ -197,8 +204,10 @@ def meta_gconv(x, supports, embeddings, weights_pool, bias_pool, cheb_k, activat
     ``None``; ``activation`` None, ``"sigmoid"`` or ``"tanh"``. Returns ``(B, N, O)``.
     """
     axis = resolve_axis(x, embeddings, axis)
+    x, supports, embeddings, weights_pool, bias_pool = autocast_inputs(
+        x, supports, embeddings, weights_pool, bias_pool)
     check_meta_gconv_inputs(x, supports, embeddings, weights_pool, bias_pool, cheb_k, activation, axis)
-    backend = backends.resolve_backend("meta_gconv", x.device)
+    backend = backends.resolve_backend("meta_gconv", x.device, x.dtype)
     return _meta_gconv_op(x, supports, embeddings, weights_pool, bias_pool, cheb_k, activation, axis, backend)
 
 
@@ -210,7 +219,7 @@ def _gconv_op(
     activation: Optional[str], backend: str,
 ) -> Tensor:
     check_gconv_inputs(x, supports, weight, bias, cheb_k, activation)
-    impl = backends.implementation(backend, "gconv", x.device)
+    impl = _support.kernel(backend, "gconv", x.device, x.dtype, empty=_is_empty(x, weight))
     return impl(x, supports, weight, bias, cheb_k, activation)
 
 
@@ -233,7 +242,7 @@ def _gconv_backward_op(
     backend: str,
     needs: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    impl = backends.implementation(backend, "gconv_backward", x.device)
+    impl = _support.kernel(backend, "gconv_backward", x.device, x.dtype, empty=_is_empty(x, weight))
     grads = impl(grad, out, x, supports, weight, bias, cheb_k, activation, needs)
     return tuple(_empty_unless(g, need, x) for g, need in zip(grads, needs))
 
@@ -260,6 +269,7 @@ def _gconv_backward(ctx, grad):
 
 
 _gconv_op.register_autograd(_gconv_backward, setup_context=_gconv_setup_context)
+_gconv_backward_op.register_autograd(_support.refuse_double_backward("gconv"))
 
 
 def gconv(x, supports, weight, bias, cheb_k, activation=None):
@@ -268,6 +278,7 @@ def gconv(x, supports, weight, bias, cheb_k, activation=None):
     ``x (B, N, C)``; ``supports (N, N)``, ``(B, N, N)`` or ``None`` (``cheb_k`` must then be 1);
     ``weight (cheb_k*C, O)``; ``bias (O,)`` or ``None``. Returns ``(B, N, O)``.
     """
+    x, supports, weight, bias = autocast_inputs(x, supports, weight, bias)
     check_gconv_inputs(x, supports, weight, bias, cheb_k, activation)
     backend = backends.resolve_backend("gconv", x.device)
     return _gconv_op(x, supports, weight, bias, cheb_k, activation, backend)

@@ -17,13 +17,15 @@ reproducible on its own.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from .._checks import check_same_device_dtype, check_tensor
-from . import _torch_lora, backends
+from . import _support, _torch_lora, backends
+from ._autocast import autocast_inputs
 
 __all__ = ["node_lora", "check_node_lora_inputs", "ACTIVATIONS"]
 
@@ -36,6 +38,8 @@ _SEED_BOUND = 1 << 62
 def _check_options(scale, activation, dropout_p, seed, offset) -> None:
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"scale: expected a float, got {scale!r}")
+    if not math.isfinite(scale):  # a NaN / inf scale would turn every output into NaN / inf, silently
+        raise ValueError(f"scale: expected a finite float, got {scale!r}")
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation: expected one of None, 'leaky_relu', 'relu', 'tanh', 'sigmoid', got {activation!r}")
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
@@ -81,6 +85,11 @@ def check_node_lora_inputs(x, weight, bias, lora_a, lora_b, scale, activation, d
     check_same_device_dtype("x", x, weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b)
 
 
+def _is_empty(x: Tensor, weight: Tensor) -> bool:
+    """A zero-sized batch, N or d_in (x) or d_out (weight): the torch formulation computes it."""
+    return x.numel() == 0 or weight.numel() == 0
+
+
 def _empty_unless(grad, needed: bool, like: Tensor) -> Tensor:
     # Custom ops return Tensors, not None: an unneeded gradient is an empty tensor.
     return grad if needed and grad is not None else like.new_empty(0)
@@ -103,7 +112,7 @@ def _node_lora_op(
     backend: str,
 ) -> Tensor:
     check_node_lora_inputs(x, weight, bias, lora_a, lora_b, scale, activation, dropout_p, seed, offset)
-    impl = backends.implementation(backend, "node_lora", x.device)
+    impl = _support.kernel(backend, "node_lora", x.device, x.dtype, empty=_is_empty(x, weight))
     return impl(x, weight, bias, lora_a, lora_b, scale, activation, dropout_p, seed, offset)
 
 
@@ -129,7 +138,7 @@ def _node_lora_backward_op(
     backend: str,
     needs: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    impl = backends.implementation(backend, "node_lora_backward", x.device)
+    impl = _support.kernel(backend, "node_lora_backward", x.device, x.dtype, empty=_is_empty(x, weight))
     grads = impl(grad, x, weight, bias, lora_a, lora_b, scale, activation, dropout_p, seed, offset, needs)
     return tuple(_empty_unless(g, need, x) for g, need in zip(grads, needs))
 
@@ -156,6 +165,7 @@ def _node_lora_backward(ctx, grad):
 
 
 _node_lora_op.register_autograd(_node_lora_backward, setup_context=_node_lora_setup_context)
+_node_lora_backward_op.register_autograd(_support.refuse_double_backward("node_lora"))
 
 
 def node_lora(x, weight, bias, lora_a, lora_b, scale, activation="leaky_relu", dropout_p=0.0, training=False,
@@ -178,8 +188,9 @@ def node_lora(x, weight, bias, lora_a, lora_b, scale, activation="leaky_relu", d
     effective_p = float(dropout_p) if training else 0.0
     if seed is None:
         seed = int(torch.randint(0, _SEED_BOUND, (1,)).item()) if effective_p > 0.0 else 0
+    x, weight, bias, lora_a, lora_b = autocast_inputs(x, weight, bias, lora_a, lora_b)
     check_node_lora_inputs(x, weight, bias, lora_a, lora_b, scale, activation, dropout_p, seed, offset)
-    backend = backends.resolve_backend("node_lora", x.device)
+    backend = backends.resolve_backend("node_lora", x.device, x.dtype)
     return _node_lora_op(x, weight, bias, lora_a, lora_b, float(scale), activation, effective_p, seed, offset,
                          backend)
 

@@ -155,6 +155,30 @@ def adaptive_support(embeddings: torch.Tensor) -> torch.Tensor:
     return torch.softmax(torch.relu(embeddings @ embeddings.transpose(-1, -2)), dim=-1)
 
 
+def _value_range(values) -> str:
+    finite = values[torch.isfinite(values)]
+    if not finite.numel():
+        return "NaN / inf only"
+    spread = f"values in [{finite.min().item():g}, {finite.max().item():g}]"
+    return spread + (" and NaN / inf" if finite.numel() < values.numel() else "")
+
+
+def check_time_features(time_of_day, day_of_week=None) -> None:
+    """``ValueError`` unless time of day (x's channel 1) is a fraction of the day in [0, 1) and day of
+    week (channel 2) an integer in 0..6: the embedding lookups would fail with a bare IndexError, or
+    silently map a value in (-1/288, 0) to slot 0."""
+    if not (torch.isfinite(time_of_day).all() and (time_of_day >= 0).all() and (time_of_day < 1).all()):
+        raise ValueError("x: expected the time of day in channel 1 (x[..., 1], read at the last input step) in "
+                         f"[0, 1), a fraction of the day (288 five-minute slots), got "
+                         f"{_value_range(time_of_day)}")
+    if day_of_week is None:
+        return
+    valid = torch.isfinite(day_of_week) & (day_of_week >= 0) & (day_of_week <= 6) & (day_of_week == day_of_week.floor())
+    if not valid.all():
+        raise ValueError("x: expected the day of week in channel 2 (x[..., 2], read at the last input step) as an "
+                         f"integer 0..6, got {_value_range(day_of_week)}")
+
+
 class HimNet(nn.Module):
     """HimNet encoder-decoder: S and T meta encoders, an ST meta decoder with scheduled sampling.
 
@@ -204,10 +228,14 @@ class HimNet(nn.Module):
 
     def time_embedding(self, x):
         """``[Emb_tod(floor(tod * 288)), Emb_dow(dow)]`` of the last input step at node 0: ``(B, D_t)``."""
-        tod_emb = self.tod_embedding((x[:, -1, 0, 1] * 288).long())
-        if self.dow_embedding_dim == 0:
+        time_of_day = x[:, -1, 0, 1]
+        day_of_week = x[:, -1, 0, 2] if self.dow_embedding_dim > 0 else None
+        if not torch.compiler.is_compiling():  # a data-dependent check: eager only, no graph break
+            check_time_features(time_of_day, day_of_week)
+        tod_emb = self.tod_embedding((time_of_day * 288).long())
+        if day_of_week is None:
             return tod_emb
-        return torch.cat([tod_emb, self.dow_embedding(x[:, -1, 0, 2].long())], dim=-1)
+        return torch.cat([tod_emb, self.dow_embedding(day_of_week.long())], dim=-1)
 
     def check_inputs(self, x, y_cov, labels=None, batches_seen=None):
         """Clear errors for inputs the published module would mis-handle or fail on obscurely."""

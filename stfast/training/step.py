@@ -3,6 +3,7 @@ optimisation recipe around it (optimiser, learning-rate schedule, horizon curric
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -13,30 +14,44 @@ __all__ = ["WarmupCosine", "curriculum_horizon", "make_optimizer", "predict", "t
 def predict(forecaster, batch, scaler, *, batches_seen=None):
     """Forward in the model's scaled units, returned in the data's units."""
     labels = scaler.transform(batch.y) if forecaster.training and forecaster.spec.teacher_forcing else None
-    return scaler.inverse_transform(forecaster(batch, labels=labels, batches_seen=batches_seen))
+    prediction = forecaster(batch, labels=labels, batches_seen=batches_seen)
+    # Under autocast the model returns bf16 / fp16: unscale in the data's dtype (bf16 has 8
+    # significant bits, a step of 2 vehicles at 400).
+    return scaler.inverse_transform(prediction.to(batch.y.dtype))
 
 
 def train_step(forecaster, batch, optimizer, loss_fn, scaler, *, batches_seen=0, clip_grad=0.0,
-               horizon=None) -> torch.Tensor:
+               horizon=None, precision=None, grad_scaler=None) -> torch.Tensor:
     """Forward, loss on unscaled values (plus the model's auxiliary loss, if any), backward, gradient
     clipping and optimiser step. ``horizon``: the loss covers only the first ``horizon`` output
-    steps (curriculum learning); None covers all of them.
+    steps (curriculum learning); None covers all of them. ``precision``: a
+    :class:`stfast.training.precision.Precision` whose autocast region the forward and loss run in
+    (None: fp32); ``grad_scaler``: its loss scaler (fp16).
 
     Returns the loss, detached, without synchronising the device.
     """
     optimizer.zero_grad(set_to_none=True)
-    prediction = predict(forecaster, batch, scaler, batches_seen=batches_seen)
-    target = batch.y
-    if horizon is not None:
-        prediction, target = prediction[:, :horizon], target[:, :horizon]
-    loss = loss_fn(prediction, target)
-    auxiliary = forecaster.auxiliary_loss()
-    if auxiliary is not None:
-        loss = loss + auxiliary
-    loss.backward()
+    with precision.autocast() if precision is not None else contextlib.nullcontext():
+        prediction = predict(forecaster, batch, scaler, batches_seen=batches_seen)
+        target = batch.y
+        if horizon is not None:
+            prediction, target = prediction[:, :horizon], target[:, :horizon]
+        loss = loss_fn(prediction, target)
+        auxiliary = forecaster.auxiliary_loss()
+        if auxiliary is not None:
+            loss = loss + auxiliary.to(loss.dtype)
+    if grad_scaler is None:
+        loss.backward()
+        if clip_grad:
+            torch.nn.utils.clip_grad_norm_(forecaster.parameters(), clip_grad)
+        optimizer.step()
+        return loss.detach()
+    grad_scaler.scale(loss).backward()
     if clip_grad:
+        grad_scaler.unscale_(optimizer)  # clip the true gradients
         torch.nn.utils.clip_grad_norm_(forecaster.parameters(), clip_grad)
-    optimizer.step()
+    grad_scaler.step(optimizer)  # skipped when the scaled gradients overflowed
+    grad_scaler.update()
     return loss.detach()
 
 

@@ -369,3 +369,20 @@ inline cudaError_t cudaGetLastError() {
   return e;
 }
 inline cudaError_t cudaPeekAtLastError() { return emu::state.last_error; }
+
+// One emulated device whose code counts as compiled for sm_90 (no __CUDA_ARCH__ is defined here, so
+// the tensor-core kernels' bodies are compiled in).
+struct cudaFuncAttributes {
+  int binaryVersion;
+  int ptxVersion;
+};
+inline cudaError_t cudaGetDevice(int* device) {
+  *device = 0;
+  return cudaSuccess;
+}
+template <typename Kernel>
+cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attributes, Kernel) {
+  attributes->binaryVersion = 90;
+  attributes->ptxVersion = 90;
+  return cudaSuccess;
+}

@@ -105,3 +105,40 @@ def test_plan_puts_the_backbone_first_and_the_loop_last():
 def test_bad_input_is_refused_before_anything_runs(argv, message, capsys):
     assert bench.main(["--device", "cpu", *argv]) == 2
     assert re.search(message, capsys.readouterr().err)
+
+
+def test_real_data_is_timed_when_given(shared_file, tmp_path):
+    prefix = shared_file("_partial/PEMS04_prefix_694steps.npy")
+    args = parse(["--device", "cpu", "--backbones", "stid", "--adapters", "shared", "--node-lora-backends", "torch",
+                  "--no-loop", "--batch-size", "2", "--rounds", "1", "--warmup", "0", "--repeats", "1",
+                  "--data", str(prefix), "--out", str(tmp_path)])
+    stderr = io.StringIO()
+    assert bench.run(args, stdout=io.StringIO(), stderr=stderr) == 0, stderr.getvalue()
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert result["meta"]["data"] == str(prefix.resolve())
+    assert [row["status"] for row in result["rows"]] == ["ok", "ok"], [row["error"] for row in result["rows"]]
+    assert "PEMS04 data from PEMS04_prefix_694steps.npy" in (tmp_path / "results.md").read_text()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--data", "/no/such/PEMS04.npz"], r"--data: /no/such/PEMS04.npz does not exist"),
+    (["--graph", "/no/such.csv"], r"--graph: only with --data"),
+])
+def test_bad_data_paths_are_refused_before_anything_runs(argv, message, capsys):
+    assert bench.main(["--device", "cpu", *argv]) == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_the_timed_batch_is_the_first_training_batch_of_the_real_data(shared_file):
+    import torch
+
+    from stfast.benchmarks._worker import measured_batch
+    from stfast.data import load_dataset
+
+    prefix = str(shared_file("_partial/PEMS04_prefix_694steps.npy"))
+    spec = {"dataset": "PEMS04", "data": prefix, "graph": None, "batch_size": 3, "seed": 0}
+    batch, scaler = measured_batch(spec, torch.device("cpu"))
+    expected = next(load_dataset("PEMS04", prefix).batches("train", 3))
+    assert torch.equal(batch.x, expected.x) and torch.equal(batch.y, expected.y)
+    with pytest.raises(ValueError, match="fewer than batch size 100000 training windows"):
+        measured_batch({**spec, "batch_size": 100000}, torch.device("cpu"))

@@ -11,6 +11,7 @@ profiler's report, or ``{"ok": false, "error": ..., "traceback": ...}``. Progres
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import sys
@@ -46,9 +47,38 @@ def build(spec: dict):
         if wrap is None:
             raise ImportError("ST-LoRA rows need stfast.nn.stlora.wrap_forecaster, which this install lacks")
     torch.manual_seed(spec["seed"])
-    context = models.build_context(name, spec["dataset"], synthetic_seed=spec["seed"])
+    context = models.build_context(name, spec["dataset"], data=real_data(spec), synthetic_seed=spec["seed"])
     forecaster = models.create(name, spec["dataset"], backend=spec["backend"], context=context)
     return wrap(forecaster) if wrap is not None else forecaster
+
+
+@functools.lru_cache(maxsize=1)
+def _load_real_data(dataset: str, path: str, graph: str | None):
+    from ..data import load_dataset
+
+    return load_dataset(dataset, path, graph=graph)
+
+
+def real_data(spec: dict):
+    """The dataset read from ``spec["data"]`` (and ``spec["graph"]``), or None: synthetic data of its shape."""
+    if not spec.get("data"):
+        return None
+    return _load_real_data(spec["dataset"], spec["data"], spec.get("graph"))
+
+
+def measured_batch(spec: dict, device):
+    """``(batch, scaler)`` of the timed steps: the first training batch of the real data when a file was
+    given, else a synthetic batch of the dataset's exact shape (the time depends on the shapes only)."""
+    data = real_data(spec)
+    if data is None:
+        from ..data import synthetic_batch
+
+        return synthetic_batch(spec["dataset"], spec["batch_size"], seed=spec["seed"], device=device,
+                               return_scaler=True)
+    batch = next(data.batches("train", spec["batch_size"], device=device), None)
+    if batch is None or batch.x.shape[0] != spec["batch_size"]:
+        raise ValueError(f"--data: {spec['data']} has fewer than batch size {spec['batch_size']} training windows")
+    return batch, data.scaler
 
 
 def resolved_backend(backend: str, device) -> str:
@@ -97,7 +127,6 @@ def full_epoch(forecaster, spec: dict, device) -> dict:
 def measure(spec: dict) -> dict:
     import torch
 
-    from ..data import synthetic_batch
     from ..profiler import profile
 
     device = torch.device(spec["device"])
@@ -106,8 +135,7 @@ def measure(spec: dict) -> dict:
     build_s = time.perf_counter() - started
     # Resolving the backend probes it (a just-in-time build of the C++ extension happens here, untimed).
     backend = resolved_backend(spec["backend"], device)
-    batch, scaler = synthetic_batch(spec["dataset"], spec["batch_size"], seed=spec["seed"], device=device,
-                                    return_scaler=True)
+    batch, scaler = measured_batch(spec, device)
     report = profile(forecaster, batch, scaler=scaler, warmup=spec["warmup"], repeats=spec["repeats"],
                      device=device, seed=spec["seed"], precision=spec.get("precision", "fp32"))
     result = {"ok": True, "report": report.to_dict(), "build_s": build_s,

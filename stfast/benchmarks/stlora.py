@@ -48,6 +48,7 @@ import time
 from pathlib import Path
 
 from ..profiler import device_slug
+from ._worker import real_data
 from .efficiency import BenchError, _load_average, _resolve_device, run_worker
 
 __all__ = ["BACKBONES", "PAPER", "PAPER_SOURCE", "add_stlora_parser", "build_variant", "main", "plan", "run"]
@@ -104,7 +105,7 @@ def build_variant(spec: dict):
 
     torch.manual_seed(spec["seed"])
     name = spec["backbone"]
-    context = models.build_context(name, spec["dataset"], synthetic_seed=spec["seed"])
+    context = models.build_context(name, spec["dataset"], data=real_data(spec), synthetic_seed=spec["seed"])
     forecaster = models.create(name, spec["dataset"], context=context)
     if spec["adapter"] is None:
         return forecaster
@@ -207,7 +208,9 @@ def markdown(result: dict) -> str:
                "Paper param overhead", "ms/batch median [min, max]", "Time overhead", "s/epoch (est.)",
                "Added s/epoch", "Paper time", memory, "Memory overhead"]
     mode = "frozen backbone (fine-tuning)" if meta["freeze_backbone"] else "joint training"
-    lines = [f"ST-LoRA efficiency (paper's Figure 4), {meta['dataset']}-shaped synthetic data, batch "
+    data = (f"{meta['dataset']} data from {Path(meta['data']).name}" if meta.get("data") else
+            f"{meta['dataset']}-shaped synthetic data")
+    lines = [f"ST-LoRA efficiency (paper's Figure 4), {data}, batch "
              f"{meta['batch_size']}, {mode}; {meta['rounds']} interleaved round(s) x (warm-up {meta['warmup']}, "
              f"{meta['repeats']} timed steps), each in a fresh process; device: {meta['device']}; "
              f"torch {meta['torch']}",
@@ -343,6 +346,7 @@ def run(args, stdout=None, stderr=None) -> int:
     settings = _settings(args)
     device = _resolve_device(args.device)
     dataset = configs.canonical_dataset(args.dataset)
+    source = _data_source(args)
     backbones = _choices("--backbones", args.backbones or BACKBONES, models.available())
     adapters = _choices("--adapters", args.adapters or ADAPTERS, ADAPTERS)
     available = _node_lora_backends(device)
@@ -365,7 +369,8 @@ def run(args, stdout=None, stderr=None) -> int:
             spec = {**entry, "builder": "stfast.benchmarks.stlora:build_variant", "model": entry["backbone"],
                     "backend": models.model_module(entry["backbone"]).DEFAULT_BACKEND, "dataset": dataset,
                     "batch_size": args.batch_size, "device": str(device), "warmup": settings["warmup"],
-                    "repeats": settings["repeats"], "seed": 0, "freeze_backbone": bool(args.freeze_backbone)}
+                    "repeats": settings["repeats"], "seed": 0, "freeze_backbone": bool(args.freeze_backbone),
+                    "data": source["data"], "graph": source["graph"]}
             outcome = run_worker(spec, timeout=args.timeout, stream=stderr)
             results[index].append(outcome)
             if outcome.get("ok"):
@@ -390,6 +395,7 @@ def run(args, stdout=None, stderr=None) -> int:
             "stfast": __version__, "torch": torch.__version__, "python": platform.python_version(),
             "device": next((row["device"] for row in rows if row["device"]), description), "device_type": device.type,
             "dataset": dataset, "batch_size": args.batch_size, "train_batches": train_batches, **settings,
+            "data": source["data"], "graph": source["graph"],
             "freeze_backbone": bool(args.freeze_backbone), "backbones": backbones, "adapters": adapters,
             "node_lora_backends": backends, "loop_baseline": loop, "duration_s": time.perf_counter() - started,
             "cpu_count": os.cpu_count(), "load_average": {"before": load_before, "after": _load_average()},
@@ -426,7 +432,11 @@ def add_stlora_options(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                              "with --quick the fastest)")
     parser.add_argument("--no-loop", action="store_true", help="leave out the per-node loop baseline")
     parser.add_argument("--dataset", default="PEMS04",
-                        help="dataset whose shape the synthetic data has (default PEMS04)")
+                        help="dataset whose shape the synthetic data has, or that --data holds (default PEMS04)")
+    parser.add_argument("--data", help="time real batches of this dataset file or folder (its first training "
+                                       "batch; default: synthetic data of the dataset's shape)")
+    parser.add_argument("--graph", help="road graph file for --data (adj_mx.pkl or a distance .csv), for the "
+                                        "backbones that need one")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--rounds", type=int, help=f"interleaved rounds, each configuration in a fresh process per "
                                                    f"round (default {DEFAULT['rounds']}, quick {QUICK['rounds']})")
@@ -443,6 +453,19 @@ def add_stlora_options(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     where.add_argument("--record", action="store_true", help="write to bench/results/<device>/stlora/ (tracked)")
     where.add_argument("--out", help="output folder (default: a new folder under runs/bench/)")
     return parser
+
+
+def _data_source(args) -> dict:
+    """Absolute paths of --data / --graph (workers run elsewhere), checked before anything runs."""
+    if args.graph and not args.data:
+        raise ValueError("--graph: only with --data (synthetic data brings its own graph)")
+    source = {}
+    for flag in ("data", "graph"):
+        path = getattr(args, flag)
+        if path and not Path(path).exists():
+            raise ValueError(f"--{flag}: {path} does not exist")
+        source[flag] = str(Path(path).resolve()) if path else None
+    return source
 
 
 def _cmd(args) -> int:

@@ -200,13 +200,20 @@ def _check_train_args(args) -> tuple[torch.device, str]:
 
 def cmd_train(args) -> int:
     from .training import distributed
-    from .training.finetune import BackboneGuard, backbone_of, init_backbone
-    from .training.trainer import Trainer
 
     device, dataset = _check_train_args(args)
     job = distributed.setup(device)  # under torchrun: this rank's place in the job, else None
-    if job is not None:
-        device = job.device(device)
+    try:
+        return _train(args, device if job is None else job.device(device), dataset, job)
+    finally:
+        distributed.teardown()  # after _train has dropped its DistributedDataParallel trainer
+
+
+def _train(args, device, dataset, job) -> int:
+    from .training import distributed
+    from .training.finetune import BackboneGuard, backbone_of, init_backbone
+    from .training.trainer import Trainer
+
     config_overrides = apply_overrides(configs.load(args.model, dataset), args.set)  # --set, checked before the data
     source = _data_source(args)
     data = _load_data(dataset, source)

@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 from stfast import models
 from stfast.data import ForecastData, StandardScaler, sliding_window_index
 from stfast.configs import dataset_info
-from stfast.training.distributed import DistributedContext, DistributedTrainer, per_rank_batch_size
+from stfast.training.distributed import DistributedContext, DistributedTrainer, per_rank_batch_size, teardown
 from stfast.training.trainer import Trainer
 
 NODES, STEPS, GLOBAL_BATCH, EPOCHS = 7, 80, 8, 2
@@ -83,7 +83,8 @@ def _rank_main(rank: int, world: int, port: int, folder: str) -> None:
         torch.save({"whole": whole.forecaster.model.state_dict(), "resumed": resumed.forecaster.model.state_dict(),
                     "losses": losses, "error": error, "epochs": whole.state.epoch},
                    os.path.join(folder, "rank0.pt"))
-    dist.destroy_process_group()
+    del whole, first, resumed, elsewhere  # no DistributedDataParallel module may outlive the process group
+    teardown()
 
 
 @pytest.fixture(scope="module")

@@ -86,7 +86,7 @@ def _existing(path, argument: str) -> Path:
 # ...) is refused before it is looked up, so loading a crafted file runs nothing.
 _RECONSTRUCT_ARRAY = np.empty(0).__reduce__()[0]  # numpy's _reconstruct, wherever this NumPy keeps it
 _ARRAY_FROM_BUFFER = np.empty(1).__reduce_ex__(5)[0]  # numpy's _frombuffer (pickle protocol 5)
-_PICKLE_GLOBALS = {
+ARRAY_PICKLE_GLOBALS = {
     ("_codecs", "encode"): codecs.encode,  # how Python 3 writes bytes (an array's buffer) at protocol 2
     ("numpy", "ndarray"): np.ndarray,
     ("numpy", "dtype"): np.dtype,
@@ -99,7 +99,7 @@ _PICKLE_GLOBALS = {
 
 class _GraphUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
-        found = _PICKLE_GLOBALS.get((module, name))
+        found = ARRAY_PICKLE_GLOBALS.get((module, name))
         if found is None:
             raise pickle.UnpicklingError(
                 f"refusing to load {module}.{name}: a graph pickle may only hold lists, dicts, strings, numbers "

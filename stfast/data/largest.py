@@ -28,6 +28,7 @@ import numpy as np
 
 from stfast.configs import LARGEST_DATASETS, DatasetInfo, dataset_info
 from stfast.data.graph import load_adjacency
+from stfast.data.hdf import import_pandas, read_timestamped_frame
 from stfast.data.layouts import LayoutData
 from stfast.data.series import time_features
 
@@ -38,7 +39,6 @@ __all__ = ["LARGEST_DISTRICTS", "read_largest_layout", "read_largest_series", "l
 LARGEST_DISTRICTS = {"SD": (11,), "GBA": (4,), "GLA": (7, 8, 12), "CA": None}
 PROTOCOL_YEAR = "2019"
 _RAW_STEP_SECONDS = 300
-_H5_HINT = "reading LargeST's .h5 files needs pandas and PyTables: pip install stfast[h5]"
 
 
 def read_largest_layout(path: Path, info: DatasetInfo | None) -> LayoutData | None:
@@ -130,35 +130,11 @@ def _first_existing(candidates: list[Path], expected: str, folder: Path) -> Path
 
 
 def _read_frame(file: Path):
-    pandas = _import_pandas()
-    try:
-        frame = pandas.read_hdf(file)
-    except ImportError as error:
-        raise ImportError(_H5_HINT) from error
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as error:  # PyTables' errors are RuntimeErrors
-        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-        reason = lines[-1] if lines else type(error).__name__  # HDF5 prepends its whole error stack
-        raise ValueError(f"path: cannot read {file} as a pandas HDF file ({reason})") from error
-    if not isinstance(frame, pandas.DataFrame) or not isinstance(frame.index, pandas.DatetimeIndex):
-        index_type = type(getattr(frame, "index", None)).__name__
-        raise ValueError(
-            f"path: expected a DataFrame indexed by timestamps (LargeST history) in {file}, "
-            f"got {type(frame).__name__} with a {index_type} index"
-        )
+    frame = read_timestamped_frame(file, "a DataFrame indexed by timestamps (LargeST history)")
     if len(frame) < 2 or frame.shape[1] == 0:
         raise ValueError(f"path: expected at least 2 time steps and 1 sensor in {file}, got shape {frame.shape}")
-    if frame.index.tz is not None:
-        frame = frame.tz_localize(None)
     frame.columns = [str(c) for c in frame.columns]
     return frame
-
-
-def _import_pandas():
-    try:
-        import pandas
-    except ImportError as error:
-        raise ImportError(_H5_HINT) from error
-    return pandas
 
 
 def _to_protocol_interval(frame, file: Path, info: DatasetInfo):
@@ -232,7 +208,7 @@ def _meta_file(beside: Path, meta) -> Path:
 
 
 def _meta_rows(meta: Path, info: DatasetInfo):
-    pandas = _import_pandas()
+    pandas = import_pandas()
     try:
         table = pandas.read_csv(meta)
     except (OSError, ValueError, UnicodeDecodeError) as error:

@@ -25,7 +25,6 @@ from stfast.configs import DATASETS, DatasetInfo, canonical_dataset, dataset_inf
 
 __all__ = ["load_series", "time_features", "resolve_data_path", "read_series", "read_npz_arrays"]
 
-_H5_HINT = "reading .h5 files needs pandas and PyTables: pip install stfast[h5]"
 _ARRAY_SUFFIXES = (".npz", ".npy", ".h5", ".hdf5")
 
 
@@ -116,30 +115,11 @@ def _read_npy(file: Path) -> np.ndarray:
         raise ValueError(f"path: cannot read {file} as a .npy array ({error})") from error
 
 
-def _import_pandas():
-    try:
-        import pandas
-    except ImportError as error:
-        raise ImportError(_H5_HINT) from error
-    return pandas
-
-
 def _read_h5(file: Path) -> tuple[np.ndarray, np.ndarray]:
-    pandas = _import_pandas()
-    try:
-        frame = pandas.read_hdf(file)
-    except ImportError as error:
-        raise ImportError(_H5_HINT) from error
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise ValueError(f"path: cannot read {file} as a pandas HDF file ({error})") from error
-    if not isinstance(frame, pandas.DataFrame) or not isinstance(frame.index, pandas.DatetimeIndex):
-        index_type = type(getattr(frame, "index", None)).__name__
-        raise ValueError(
-            f"path: expected a DataFrame indexed by timestamps in {file}, got {type(frame).__name__} "
-            f"with a {index_type} index"
-        )
-    index = frame.index.tz_localize(None) if frame.index.tz is not None else frame.index
-    return frame.to_numpy(), index.to_numpy().astype("datetime64[s]")
+    from .hdf import read_timestamped_frame
+
+    frame = read_timestamped_frame(file)
+    return frame.to_numpy(), frame.index.to_numpy().astype("datetime64[s]")
 
 
 def _check_array(array: np.ndarray, file: Path, info: DatasetInfo | None) -> np.ndarray:

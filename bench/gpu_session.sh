@@ -30,12 +30,14 @@
 # /tmp/stfast-session/out. The summary table is printed last.
 #
 # Knobs: STFAST_SESSION_DEVICE (cuda | cpu), STFAST_SESSION_BUDGET_S, STFAST_SESSION_STEPS (a
-# space-separated subset of the steps, in this order), STFAST_SESSION_INSTALL=0 (use the installed
+# space-separated subset of the steps, in this order), STFAST_SESSION_STEP_SCALE (an integer multiplying
+# every step's limit; CI's dry run on a busy machine), STFAST_SESSION_INSTALL=0 (use the installed
 # package: the CPU dry run in CI), PYTHON (default python3).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 device="${STFAST_SESSION_DEVICE:-cuda}"
 budget="${STFAST_SESSION_BUDGET_S:-470}"
+scale="${STFAST_SESSION_STEP_SCALE:-1}"  # multiplies every step's own limit (a slow machine's dry run)
 python="${PYTHON:-python3}"
 work="/tmp/stfast-session"
 out="${OUT:-$work/out}"
@@ -83,6 +85,7 @@ step() {
         write_summary
         return 0
     fi
+    limit=$((limit * scale))
     [ "$limit" -gt "$left" ] && limit=$left
     mkdir -p "$results/$name"
     echo "== $name (limit ${limit} s): $*"

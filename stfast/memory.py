@@ -109,7 +109,53 @@ def _node_lora_backward_workspace(args) -> int:
     return (2 * rows * lora_a.shape[-1] + x.numel()) * x.element_size()
 
 
+def _adaptive_graph_shapes(embeddings, x=None):
+    """(graphs G, nodes N, compute-dtype bytes, whether inputs are copied to the computation's layout or
+    dtype) of :mod:`stfast.ops.adaptive_graph`: a shared (N, D) graph folds x's batch into its channels."""
+    from .ops.adaptive_graph import compute_dtype
+
+    size = compute_dtype(embeddings.dtype).itemsize
+    graphs = embeddings.shape[0] if embeddings.dim() == 3 else 1
+    copied = embeddings.dim() == 2 or size != embeddings.element_size()
+    return graphs, embeddings.shape[-2], size, copied
+
+
+def _adaptive_graph_lse_workspace(args) -> int:
+    # (embeddings, chunk): one chunk of scores (G, c, N), E in the compute dtype if cast
+    embeddings, chunk = args
+    graphs, nodes, size, _ = _adaptive_graph_shapes(embeddings)
+    rows = min(chunk, nodes)
+    cast = embeddings.numel() * size if size != embeddings.element_size() else 0
+    return graphs * rows * nodes * size + cast
+
+
+def _adaptive_propagate_workspace(args) -> int:
+    # (embeddings, lse, x, chunk): one chunk of the graph (G, c, N) and its product (G, c, F); folded or cast
+    # inputs, and the result in the computation's layout before it is unfolded or cast
+    embeddings, _, x, chunk = args
+    graphs, nodes, size, copied = _adaptive_graph_shapes(embeddings, x)
+    rows = min(chunk, nodes)
+    features = x.numel() // max(1, graphs * nodes)
+    inputs = 2 * x.numel() * size + embeddings.numel() * size if copied else 0
+    return graphs * rows * (nodes + features) * size + inputs
+
+
+def _adaptive_propagate_backward_workspace(args) -> int:
+    # (grad, embeddings, lse, x, chunk, needs): the graph's chunk and its gradient (G, c, N) in the compute dtype
+    # and the ReLU mask (bool); row products (G, c, F) x 2 and (G, c, D); folded or cast inputs and gradients
+    grad, embeddings, _, x, chunk = args[:5]
+    graphs, nodes, size, copied = _adaptive_graph_shapes(embeddings, x)
+    rows = min(chunk, nodes)
+    features = x.numel() // max(1, graphs * nodes)
+    chunk_buffers = graphs * rows * nodes * (2 * size + 1) + graphs * rows * (2 * features + embeddings.shape[-1]) * size
+    inputs = (4 * x.numel() + 2 * embeddings.numel()) * size if copied else 0
+    return chunk_buffers + inputs
+
+
 OP_WORKSPACE = {
+    "stfast::adaptive_graph_lse": _adaptive_graph_lse_workspace,
+    "stfast::adaptive_propagate": _adaptive_propagate_workspace,
+    "stfast::adaptive_propagate_backward": _adaptive_propagate_backward_workspace,
     "stfast::meta_gconv": _meta_gconv_forward_workspace,
     "stfast::meta_gconv_backward": _meta_gconv_backward_workspace,
     "stfast::gconv": _gconv_forward_workspace,

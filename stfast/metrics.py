@@ -134,6 +134,22 @@ class MetricAccumulator:
         else:
             self._sums += batch_sums.to(self._sums.device)
 
+    @property
+    def sums(self) -> torch.Tensor:
+        """The float64 ``(4, out_steps)`` sums every metric is computed from (zeros before any update):
+        rows sum |err|, sum err^2, sum |err|/|target|, count of valid entries. Sums of disjoint parts of a
+        split add up to the sums of the whole (how sharded evaluation combines its processes)."""
+        return torch.zeros(4, self.out_steps, dtype=torch.float64) if self._sums is None else self._sums
+
+    @sums.setter
+    def sums(self, value: torch.Tensor) -> None:
+        expected = (4, self.out_steps)
+        if not isinstance(value, torch.Tensor) or tuple(value.shape) != expected or value.dtype != torch.float64:
+            got = (f"{tuple(value.shape)} {value.dtype}" if isinstance(value, torch.Tensor)
+                   else type(value).__name__)
+            raise ValueError(f"sums: expected a float64 tensor of shape {expected}, got {got}")
+        self._sums = value.clone()
+
     def _step_sums(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         mask = _valid_mask(target, self.null_value)
         zeros = torch.zeros_like(pred)

@@ -55,13 +55,18 @@ class ForecastData:
 
     def batches(
         self, split: str, batch_size: int, *, shuffle: bool = False, generator: torch.Generator | None = None,
-        device=None, dtype: torch.dtype = torch.float32,
+        device=None, dtype: torch.dtype = torch.float32, shard: tuple[int, int] = (0, 1),
     ) -> Iterator[Batch]:
-        """Batches of ``split`` in index order, or shuffled with ``generator``; the last may be partial."""
+        """Batches of ``split`` in index order, or shuffled with ``generator``; the last may be partial.
+
+        ``shard=(i, k)``: only batches number i, i + k, i + 2k, ... (process i of k's share of a sharded
+        evaluation; the other batches are not cut from the series).
+        """
         rows = self._rows(split)
         batch_size = positive_int(batch_size, "batch_size")
+        index, count = check_shard(shard)
         order = torch.randperm(len(rows), generator=generator).numpy() if shuffle else np.arange(len(rows))
-        for lo in range(0, len(rows), batch_size):
+        for lo in range(index * batch_size, len(rows), count * batch_size):
             starts = rows[order[lo:lo + batch_size], 0]
             yield gather_batch(self.series, starts, self.scaler, self.in_steps, self.out_steps, device, dtype)
 
@@ -69,6 +74,15 @@ class ForecastData:
         if split not in self.index:
             raise ValueError(f"split: expected one of {list(self.index)}, got {split!r}")
         return self.index[split]
+
+
+def check_shard(shard) -> tuple[int, int]:
+    """``shard`` as ``(index, count)`` with ``0 <= index < count``, or a ValueError naming it."""
+    valid = (isinstance(shard, tuple) and len(shard) == 2
+             and all(isinstance(v, int) and not isinstance(v, bool) for v in shard) and 0 <= shard[0] < shard[1])
+    if not valid:
+        raise ValueError(f"shard: expected (index, count) with 0 <= index < count, got {shard!r}")
+    return shard
 
 
 def load_dataset(

@@ -11,7 +11,10 @@ is where the work goes (``shared/specs/himnet.md``, "Where the time goes"):
   every step, and split each gate into an input part and a state part: the input part (including
   its graph propagation) of all input steps is one batched product up front, only the state part
   ``A h_t`` is recurrent;
-- adaptive supports are built once per forward (as in the reference).
+- adaptive supports are built once per forward (as in the reference); the decoder's per-sample graph
+  ``softmax(relu(E E^T))`` of ``E (B, N, D)`` is, above a size (``adaptive_graph="auto"``), never
+  built: its rows' statistics are computed once per forward and every propagation runs over row
+  chunks (:mod:`stfast.ops.adaptive_graph`), so no ``(B, N, N)`` tensor is kept for backward.
 """
 
 from __future__ import annotations
@@ -20,9 +23,20 @@ import numpy as np
 import torch
 
 from .. import ops
+from ..ops import adaptive_graph as _adaptive_graph
 from ..reference import himnet as reference
 
-__all__ = ["HimGCN", "HimGCRU", "HimEncoder", "HimDecoder", "HimNet"]
+__all__ = ["HimGCN", "HimGCRU", "HimEncoder", "HimDecoder", "HimNet", "ADAPTIVE_GRAPHS", "DEFAULT_ADAPTIVE_GRAPH"]
+
+ADAPTIVE_GRAPHS = ("auto", "dense", "chunked")
+DEFAULT_ADAPTIVE_GRAPH = "auto"  # for models built without the argument (the zoo, the CLI, the memory model)
+# "auto" weighs per (sample, node) what each way keeps for backward: the dense graph about five rows of N
+# (ReLU's and softmax's outputs, the graph's gradient and its temporaries); the chunked one, at every gate
+# call, the propagated features the pool reads (cheb_k x C, C the gate's input channels) and the
+# propagations' inputs, about (cheb_k + 2) x C in all. Both constants fit the memory model's predictions
+# for the published configuration (K = 2, C = 67, 24 gate calls) at batch 64: chunked keeps 0.35 GB more
+# at SD (N = 716) and 3.7 GB less at GBA (N = 2,352), so the switch falls near N = 1,300.
+DENSE_GRAPH_ROWS = 5
 
 
 def propagate(x: torch.Tensor, support: torch.Tensor, cheb_k: int) -> torch.Tensor:
@@ -40,6 +54,10 @@ class HimGCN(reference.HimGCN):
     """The reference graph convolution's parameters, computed by :func:`stfast.ops.meta_gconv`."""
 
     def forward(self, x, support, embeddings, activation=None):
+        if isinstance(support, ops.ImplicitSupport):  # propagate first, then a pool over the concatenation
+            xg = support.chebyshev(x, self.cheb_k)
+            return ops.meta_gconv(xg, None, embeddings, self.weights_pool, self.bias_pool, 1, activation,
+                                  axis=self.meta_axis)
         if self.meta_axis is None:
             return ops.gconv(x.contiguous(), support, self.weights, self.bias, self.cheb_k, activation)
         return ops.meta_gconv(x.contiguous(), support, embeddings, self.weights_pool, self.bias_pool, self.cheb_k,
@@ -140,6 +158,42 @@ class HimNet(reference.HimNet):
     encoder_class = HimEncoder
     decoder_class = HimDecoder
 
+    def __init__(self, *args, adaptive_graph: str | None = None, adaptive_graph_budget: int | None = None, **kwargs):
+        """The reference's arguments, and how the decoder's per-sample graph is propagated (neither is a
+        parameter or a buffer: the state dict is the reference's):
+
+        ``adaptive_graph``: ``"dense"`` builds the ``(B, N, N)`` graph as the reference does;
+        ``"chunked"`` never builds it (:func:`stfast.ops.implicit_support`); ``"auto"`` takes the one
+        that keeps less for backward (:meth:`prefers_chunked`); None: :data:`DEFAULT_ADAPTIVE_GRAPH`.
+        ``adaptive_graph_budget``: bytes of chunk buffers per propagation (default
+        :data:`stfast.ops.adaptive_graph.DEFAULT_BUDGET_BYTES`); the rows per chunk follow from it and
+        the shapes.
+        """
+        adaptive_graph = DEFAULT_ADAPTIVE_GRAPH if adaptive_graph is None else adaptive_graph
+        if adaptive_graph not in ADAPTIVE_GRAPHS:
+            raise ValueError(f"adaptive_graph: expected one of {list(ADAPTIVE_GRAPHS)}, got {adaptive_graph!r}")
+        budget = adaptive_graph_budget
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
+            raise ValueError(f"adaptive_graph_budget: expected None or an int >= 1 (bytes), got {budget!r}")
+        super().__init__(*args, **kwargs)
+        self.adaptive_graph = adaptive_graph
+        self.adaptive_graph_budget = adaptive_graph_budget
+
+    def decoder_support(self, st_embedding: torch.Tensor):
+        """The decoder's per-sample graph of ``st_embedding (B, N, D)``: dense ``(B, N, N)`` or an
+        :class:`stfast.ops.ImplicitSupport`, as ``adaptive_graph`` says."""
+        if self.adaptive_graph == "dense" or (self.adaptive_graph == "auto" and not self.prefers_chunked()):
+            return reference.adaptive_support(st_embedding)
+        budget = self.adaptive_graph_budget or _adaptive_graph.DEFAULT_BUDGET_BYTES
+        return ops.implicit_support(st_embedding, budget_bytes=budget)
+
+    def prefers_chunked(self) -> bool:
+        """Whether the chunked decoder graph keeps less for backward than the dense one (both grow with
+        the batch: a matter of N against the decoder's channels and gate calls)."""
+        gate_channels = self.output_dim + self.ycov_dim + self.hidden_dim
+        gate_calls = 2 * self.num_layers * self.out_steps
+        return DENSE_GRAPH_ROWS * self.num_nodes > gate_calls * (self.cheb_k + 2) * gate_channels
+
     def draw_teacher_forcing(self, batches_seen) -> torch.Tensor:
         """The published per-step draws (``np.random.uniform() < threshold``, in decoding order and
         from the same NumPy stream as the reference) as a bool tensor ``(out_steps,)``."""
@@ -158,7 +212,7 @@ class HimNet(reference.HimNet):
         h_last = (h_s + h_t)[:, -1]
 
         st_embedding = self.st_proj(h_last)
-        st_support = reference.adaptive_support(st_embedding)
+        st_support = self.decoder_support(st_embedding)
 
         states = [h_last] * self.num_layers
         go = x.new_zeros(x.shape[0], self.num_nodes, self.output_dim)

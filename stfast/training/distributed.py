@@ -10,9 +10,11 @@ and joins the process group (NCCL on CUDA, gloo on the CPU). :class:`Distributed
   generator and rank r takes the r-th slice of every global batch; the last, partial batch is split as
   evenly as possible and dropped when a rank would get no sample;
 - runs the step through ``DistributedDataParallel`` (gradients averaged across ranks by its all-reduce);
-- evaluates the whole validation split on every rank and uses rank 0's loss (broadcast), so early
-  stopping and the best epoch are decided identically everywhere; test metrics are computed on every
-  rank from the same weights and data, so every rank reports the same numbers;
+- shards evaluation (the validation loss of every epoch, the test metrics): rank r evaluates batches
+  r, r + K, r + 2K, ... of the split (at the global batch size; every sample once, a rank with no batch
+  contributes zeros) and the float64 sums the numbers are made of (loss x samples and samples; the
+  masked MAE / RMSE / MAPE sums and valid counts per horizon step) are all-reduced, so every rank reports
+  the single-process numbers (within fp tolerance) and decides early stopping and the best epoch identically;
 - lets only rank 0 take the run folder's lock and write checkpoints, logs, metrics and the progress
   bar (other ranks print nothing on stdout), with a barrier after every epoch so that every rank sees
   the files rank 0 wrote;
@@ -126,6 +128,10 @@ class DistributedTrainer(Trainer):
         batches = super()._batches(split, shuffle)
         return self._shards(batches) if split == "train" else batches
 
+    def _evaluation_batches(self, split):
+        # whole batches, one in K (not slices of each): per batch, the loss is the single process's
+        return super()._batches(split, shard=(self.context.rank, self.context.world_size))
+
     def _shards(self, batches):
         for batch in batches:
             pieces = [torch.tensor_split(t, self.context.world_size) for t in (batch.x, batch.y, batch.y_cov)]
@@ -134,10 +140,12 @@ class DistributedTrainer(Trainer):
             yield Batch(*(piece[self.context.rank] for piece in pieces))
 
     # -- agreement across ranks ------------------------------------------------------------------
-    def evaluate_loss(self, split: str) -> float:
-        loss = torch.tensor([super().evaluate_loss(split)], dtype=torch.float64, device=self._collective_device())
-        dist.broadcast(loss, src=0)
-        return float(loss.item())
+    def _sum_over_processes(self, sums: torch.Tensor) -> torch.Tensor:
+        total = sums.to(self._collective_device(), torch.float64, copy=True)
+        dist.all_reduce(total)
+        # every rank takes rank 0's copy: identical bits everywhere by construction, not by the reduction's order
+        dist.broadcast(total, src=0)
+        return total
 
     def _record(self, train_loss: float, val_loss: float) -> None:
         super()._record(train_loss, val_loss)

@@ -173,11 +173,24 @@ class Trainer:
             self._held = False
 
     # -- loops -------------------------------------------------------------------------------
-    def _batches(self, split, shuffle=False):
+    def _batches(self, split, shuffle=False, shard=(0, 1)):
+        """The batches of ``split`` (``shard``: see :meth:`ForecastData.batches`), the first ``max_batches``
+        of the whole pass counted."""
         batches = self.data.batches(split, self.training["batch_size"], shuffle=shuffle,
                                     generator=self.shuffle_generator if shuffle else None,
-                                    device=self.device, dtype=self.dtype)
-        return batches if self.max_batches is None else itertools.islice(batches, self.max_batches)
+                                    device=self.device, dtype=self.dtype, shard=shard)
+        if self.max_batches is None:
+            return batches
+        index, count = shard
+        return itertools.islice(batches, len(range(index, self.max_batches, count)))
+
+    def _evaluation_batches(self, split):
+        """The batches of ``split`` this process evaluates: all of them (a DDP rank takes its share)."""
+        return self._batches(split)
+
+    def _sum_over_processes(self, sums: torch.Tensor) -> torch.Tensor:
+        """Evaluation sums added up over the processes of the job: this one alone (DDP all-reduces them)."""
+        return sums
 
     def num_batches(self, split: str) -> int:
         """Batches of ``split`` one pass visits (``max_batches`` included)."""
@@ -211,11 +224,12 @@ class Trainer:
     def evaluate_loss(self, split: str) -> float:
         self.forecaster.eval()
         total, count = 0.0, 0
-        for batch in self._batches(split):
+        for batch in self._evaluation_batches(split):
             with self._inference_numerics():
                 prediction = predict(self.forecaster, batch, self.data.scaler)
             total += self.loss_fn(prediction, batch.y).item() * len(batch)
             count += len(batch)
+        total, count = self._sum_over_processes(torch.tensor([total, count], dtype=torch.float64)).tolist()
         return total / max(count, 1)
 
     @torch.no_grad()
@@ -223,10 +237,11 @@ class Trainer:
         """Masked MAE / RMSE / MAPE at horizons 3, 6, 12 and on average."""
         self.forecaster.eval()
         accumulator = metrics.MetricAccumulator(out_steps=self.data.out_steps)
-        for batch in self._batches(split):
+        for batch in self._evaluation_batches(split):
             with self._inference_numerics():
                 prediction = predict(self.forecaster, batch, self.data.scaler)
             accumulator.update(prediction, batch.y)
+        accumulator.sums = self._sum_over_processes(accumulator.sums)
         return accumulator.compute()
 
     def fit(self, epochs: int | None = None) -> TrainState:

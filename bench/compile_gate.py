@@ -4,6 +4,8 @@ ahead of time for sm_90 (H100 / H200) and sm_80 (A100) on a machine without a GP
     python bench/compile_gate.py                     # full resource table -> bench/results/compile-gate/
     python bench/compile_gate.py --ci --out DIR      # the CI sample (tests/test_compile_gate.py)
     python bench/compile_gate.py --cuda              # the CUDA extension's table (nvcc -Xptxas -v, SASS)
+    python bench/compile_gate.py --ops meta_gconv --kernels meta_gconv_bwd_dxg_de --precisions fp32 \
+        --out /tmp/gate                              # one kernel's launches only (any filter combines)
 
 How: the real launchers (``stfast.kernels.*.node_lora_forward`` ...) run on ``meta`` tensors of each
 shape below inside ``recording_launches()``, which records every launch (grid, constexprs,
@@ -12,9 +14,12 @@ then specialised as Triton's runtime would specialise those arguments and compil
 ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))``; the Triton wheel ships
 ``ptxas``, whose ``-v`` report gives registers and spills.
 
+Kernels that tune (``stfast.kernels._utils.choose``) are compiled in every candidate launch of their
+set, not only the default: the launchers run once more per candidate under ``forcing_configs``.
+
 A launch fails the gate when it does not compile, needs more shared memory than the target gives one
-block, spills more than its bound (``SPILL_BOUND_BYTES``, ``SPILL_BOUND_IEEE_BYTES`` for fp32 products
-in IEEE precision), or has a grid beyond CUDA's limits. The table records
+block, spills more than its bound (``KERNEL_SPILL_BOUNDS`` per kernel, else ``SPILL_BOUND_BYTES``,
+``SPILL_BOUND_IEEE_BYTES`` for fp32 products in IEEE precision), or has a grid beyond CUDA's limits. The table records
 registers, spill bytes, stack frame, shared memory and whether ``tl.dot`` lowered to tensor-core
 instructions (``wgmma`` / ``mma`` in the PTX).
 
@@ -59,8 +64,18 @@ SPILL_BOUND_IEEE_BYTES = 40 * 1024
 CUDA_SPILL_BOUND_BYTES = 64
 
 
-def spill_bound(options: dict) -> int:
-    """The spill bound of a launch: IEEE fp32 products run on FMA units and get their own bound."""
+# Kernels whose every candidate launch, at every precision and target, is spill-free (issue 18):
+# their bound replaces the two above.
+KERNEL_SPILL_BOUNDS = {"meta_gconv_fwd": 0, "meta_gconv_bwd_dxg_de": 0, "meta_gconv_bwd_dp": 0,
+                       "node_lora_fwd": 0, "node_lora_bwd_rows": 0, "node_lora_bwd_da": 0, "node_lora_bwd_db": 0,
+                       "node_lora_bwd_dw": 0}
+
+
+def spill_bound(options: dict, kernel: str | None = None) -> int:
+    """The spill bound of a launch of ``kernel``: its own (``KERNEL_SPILL_BOUNDS``) if it has one; else
+    IEEE fp32 products, which run on FMA units, get their own bound."""
+    if kernel in KERNEL_SPILL_BOUNDS:
+        return KERNEL_SPILL_BOUNDS[kernel]
     return SPILL_BOUND_IEEE_BYTES if options.get("INPUT_PRECISION") == "ieee" else SPILL_BOUND_BYTES
 
 # (B, N, d_in, d_out, rank): METR-LA (207 nodes) b16, PEMS08 (170) b16, PEMS07 (883) b64 at the ST-LoRA
@@ -77,6 +92,12 @@ NODE_LORA_SHAPES = {
     "rank-32": (16, 207, 64, 64, 32),
     "rank-64": (16, 207, 64, 64, 64),
     "rank-max": (64, 207, 256, 256, None),  # None: kernels.node_lora.MAX_RANK; the largest tiles
+    "largest-b8": (8, 8600, 64, 64, 16),  # LargeST's 8,600 nodes (issue 18's largest benchmark shape)
+    # Every padded rank at full tiles (batch 64) and the largest rank at 16-row tiles (batch 16), so
+    # that each tuning candidate of node_lora compiles at its largest tiles.
+    "rank-32-b64": (64, 207, 256, 256, 32),
+    "rank-64-b64": (64, 207, 256, 256, 64),
+    "rank-max-b16": (16, 207, 64, 64, None),
 }
 # (B, N, C, K, D, O): HimNet's decoder gate (C = 64 + 3, Chebyshev order 2, D = 16, O = 2 * 64) on the
 # same datasets (bench/test_meta_gconv_bench.py), its candidate (O = 64), and the extremes N = 1, D = 1.
@@ -89,6 +110,7 @@ META_GCONV_SHAPES = {
     "d-1": (16, 207, 67, 2, 1, 128),
     "d-64": (16, 207, 67, 2, 64, 128),
     "tiny": (1, 1, 1, 1, 1, 1),
+    "largest-b8": (8, 8600, 67, 2, 16, 128),  # LargeST's 8,600 nodes (issue 18's largest benchmark shape)
 }
 # How fp32 / half inputs reach the kernels' tl.dot: input dtype and input_precision.
 PRECISIONS = {"fp32": ("float32", "ieee"), "tf32": ("float32", "tf32"), "bf16": ("bfloat16", "tf32"),
@@ -110,6 +132,7 @@ class Result:
     shared_bytes: int | None = None
     tensor_cores: str = ""
     compile_s: float = 0.0
+    spill_bound: int | None = None
 
 
 # ---------------------------------------------------------------- the launches
@@ -120,50 +143,104 @@ def _meta(*shape, dtype):
     return torch.empty(*shape, device="meta", dtype=dtype)
 
 
-def node_lora_launches(shape, dtype, precision, kernels):
-    """Every launch of a training step (forward, then backward with every gradient, and without dx,
-    as the first layer has) for leaky_relu with dropout and bias, the ST-LoRA training setting."""
+def node_lora_inputs(shape, dtype, device="meta"):
+    """``(x, weight, bias, lora_a, lora_b, seed, grad)`` of a gate shape (``rank`` None: the largest the
+    launcher takes): empty on ``meta``, random elsewhere (``bench/tune_triton.py``)."""
     import torch
 
+    from stfast.kernels.node_lora import MAX_RANK
+
     batch, nodes, d_in, d_out, rank = shape
-    rank = kernels.MAX_RANK if rank is None else rank
-    dt = getattr(torch, dtype)
-    x, w, b = _meta(batch, nodes, d_in, dtype=dt), _meta(d_out, d_in, dtype=dt), _meta(d_out, dtype=dt)
-    a, bb = _meta(nodes, d_in, rank, dtype=dt), _meta(nodes, rank, d_out, dtype=dt)
-    g = _meta(batch, nodes, d_out, dtype=dt)
+    rank = MAX_RANK if rank is None else rank
+    gen = torch.Generator().manual_seed(0)
+
+    def tensor(*size, scale=1.0):
+        if str(device) == "meta":
+            return torch.empty(*size, device="meta", dtype=dtype)
+        return (torch.randn(*size, generator=gen) * scale).to(device, dtype)
+
+    seed = torch.tensor([7, 0], dtype=torch.int64).to(device)  # (seed, offset), read by the kernels on the device
+    return (tensor(batch, nodes, d_in), tensor(d_out, d_in, scale=d_in**-0.5), tensor(d_out),
+            tensor(nodes, d_in, rank, scale=d_in**-0.5), tensor(nodes, rank, d_out, scale=rank**-0.5), seed,
+            tensor(batch, nodes, d_out))
+
+
+def node_lora_step(kernels, shape, tensors, precision) -> list:
+    """A training step's launches (forward, then backward with every gradient, and without dx, as the
+    first layer has) for leaky_relu with dropout and bias, the ST-LoRA training setting; the outputs."""
+    x, w, b, a, bb, seed, g = tensors
+    outputs = [kernels.node_lora_forward(x, w, b, a, bb, 0.5, "leaky_relu", 0.1, seed, input_precision=precision)]
+    for needs in ((True,) * 5, (False, True, True, True, True)):
+        outputs += kernels.node_lora_backward(g, x, w, b, a, bb, 0.5, "leaky_relu", 0.1, seed, needs,
+                                              input_precision=precision)
+    return outputs
+
+
+def node_lora_launches(shape, dtype, precision, kernels):
+    """Every launch of ``node_lora_step`` on ``meta`` tensors of ``shape``."""
+    import torch
+
     from stfast.kernels._utils import recording_launches
 
     with recording_launches() as launches:
-        kernels.node_lora_forward(x, w, b, a, bb, 0.5, "leaky_relu", 0.1, 7, 0, input_precision=precision)
-        for needs in ((True,) * 5, (False, True, True, True, True)):
-            kernels.node_lora_backward(g, x, w, b, a, bb, 0.5, "leaky_relu", 0.1, 7, 0, needs,
-                                       input_precision=precision)
+        node_lora_step(kernels, shape, node_lora_inputs(shape, getattr(torch, dtype)), precision)
     return launches
 
 
-def meta_gconv_launches(shape, dtype, precision, kernels):
-    """Every launch of HimNet's gate in training: forward (sigmoid) and backward with every gradient,
-    for the ST axis (per-sample embeddings) and the S axis (per node)."""
+def meta_gconv_inputs(shape, dtype, device="meta"):
+    """``(xg, {axis: embeddings}, pool, bias pool, grad)`` of a gate shape: empty on ``meta``, random
+    elsewhere (``bench/tune_triton.py`` times and checks the launches on them)."""
     import torch
 
     batch, nodes, channels, cheb_k, dim, out = shape
-    dt = getattr(torch, dtype)
     rows, inputs = batch * nodes, channels * cheb_k
-    xg, pool, bias = _meta(rows, inputs, dtype=dt), _meta(dim, inputs, out, dtype=dt), _meta(dim, out, dtype=dt)
-    g = _meta(rows, out, dtype=dt)
+    gen = torch.Generator().manual_seed(0)
+
+    def tensor(*size, scale=1.0):
+        if str(device) == "meta":
+            return torch.empty(*size, device="meta", dtype=dtype)
+        return (torch.randn(*size, generator=gen) * scale).to(device, dtype)
+
+    embeddings = {"ST": tensor(batch, nodes, dim), "S": tensor(nodes, dim)}
+    return (tensor(rows, inputs), embeddings, tensor(dim, inputs, out, scale=(dim * inputs) ** -0.5),
+            tensor(dim, out, scale=dim**-0.5), tensor(rows, out))
+
+
+def meta_gconv_step(kernels, shape, tensors, precision) -> list:
+    """HimNet's gate in training, as the launchers run it: forward (sigmoid) and backward with every
+    gradient, for the ST axis (per-sample embeddings) and the S axis (per node); the outputs."""
+    nodes = shape[1]
+    xg, embeddings, pool, bias, g = tensors
+    outputs = []
+    for axis, emb in embeddings.items():
+        outputs.append(kernels.meta_gconv_forward(xg, emb, axis, nodes, pool, bias, "sigmoid",
+                                                  input_precision=precision))
+        outputs += kernels.meta_gconv_backward(g, xg, emb, axis, nodes, pool, bias, True, True, True,
+                                               input_precision=precision)
+    return outputs
+
+
+def meta_gconv_launches(shape, dtype, precision, kernels):
+    """Every launch of ``meta_gconv_step`` on ``meta`` tensors of ``shape``."""
+    import torch
+
     from stfast.kernels._utils import recording_launches
 
     with recording_launches() as launches:
-        for axis, emb in (("ST", _meta(batch, nodes, dim, dtype=dt)), ("S", _meta(nodes, dim, dtype=dt))):
-            kernels.meta_gconv_forward(xg, emb, axis, nodes, pool, bias, "sigmoid", input_precision=precision)
-            kernels.meta_gconv_backward(g, xg, emb, axis, nodes, pool, bias, True, True, True,
-                                        input_precision=precision)
+        meta_gconv_step(kernels, shape, meta_gconv_inputs(shape, getattr(torch, dtype)), precision)
     return launches
 
 
-def collect(ops=("node_lora", "meta_gconv"), precisions=tuple(PRECISIONS), shapes=None):
-    """``{key: (launch, module, args, [shape names])}`` for every distinct launch; ``key`` is the kernel,
-    argument dtypes, constexprs and options (the grid and integer values are not part of it)."""
+# The ops whose launches bench/tune_triton.py times on a GPU: (shape table, inputs, step, kernel module).
+TUNABLE = {"meta_gconv": (META_GCONV_SHAPES, meta_gconv_inputs, meta_gconv_step, "meta_gconv"),
+           "node_lora": (NODE_LORA_SHAPES, node_lora_inputs, node_lora_step, "node_lora")}
+
+
+def collect(ops=("node_lora", "meta_gconv"), precisions=tuple(PRECISIONS), shapes=None, kernels=None):
+    """``{key: (launch, module, args, [shape names])}`` for every distinct launch, every tuning
+    candidate included (``candidate_launches``); ``key`` is the kernel, argument dtypes, constexprs and
+    options (the grid and integer values are not part of it). ``shapes`` / ``kernels``: only these names
+    (a kernel matches by prefix)."""
     from stfast.kernels import meta_gconv, node_lora
 
     tables = {"node_lora": (NODE_LORA_SHAPES, node_lora_launches, node_lora),
@@ -176,12 +253,30 @@ def collect(ops=("node_lora", "meta_gconv"), precisions=tuple(PRECISIONS), shape
                 continue
             for label in precisions:
                 dtype, precision = PRECISIONS[label]
-                for launch, mod, args in launches_of(shape, dtype, precision, module):
+                for launch, mod, args in candidate_launches(lambda: launches_of(shape, dtype, precision, module)):
+                    if kernels is not None and not launch.kernel.startswith(tuple(kernels)):
+                        continue
                     ints = _int_specialization(getattr(mod, launch.kernel), args)
                     key = (launch.kernel, label, _config(launch), ints)
                     entry = found.setdefault(key, [launch, mod, args, []])
                     entry[3].append(f"{op}:{name}")
     return found
+
+
+def candidate_launches(record) -> list:
+    """``record()`` (recorded launches of the real launchers) once as they choose, then once per
+    candidate of every tuning choice they make (``forcing_configs``): every launch any tuned table
+    could make them run."""
+    from stfast.kernels._utils import forcing_configs, recording_choices
+
+    with recording_choices() as choices:
+        launches = list(record())
+    for choice in choices:
+        for candidate in choice.candidates:
+            if candidate is not choice.chosen:
+                with forcing_configs({choice.kernel: candidate.config}):
+                    launches += record()
+    return launches
 
 
 def _int_specialization(fn, args) -> str:
@@ -282,9 +377,15 @@ def check(fn, args, launch_options: dict, grid, arch_name: str, bound: int | Non
     info = ptxas_resources(log)
     info.update(shared_bytes=kernel.metadata.shared, tensor_cores=tensor_core_instructions(kernel.asm["ptx"]),
                 compile_s=time.perf_counter() - start)
-    reasons = judge(info, arch_name, spill_bound(launch_options) if bound is None else bound, grid)
-    info.update(ok=not reasons, reason="; ".join(reasons))
+    bound = spill_bound(launch_options, _kernel_name(fn)) if bound is None else bound
+    reasons = judge(info, arch_name, bound, grid)
+    info.update(ok=not reasons, reason="; ".join(reasons), spill_bound=bound)
     return info
+
+
+def _kernel_name(fn) -> str | None:
+    inner = getattr(fn, "fn", None)
+    return getattr(inner, "__name__", None) or getattr(fn, "__name__", None)
 
 
 def judge(info: dict, arch_name: str, bound: int, grid=()) -> list[str]:
@@ -378,12 +479,12 @@ def ci_sample(found: dict) -> list[tuple]:
     return chosen
 
 
-def full_table(found: dict) -> list[tuple]:
+def full_table(found: dict, every_specialisation: bool = False) -> list[tuple]:
     """Every launch configuration with its flags, at every precision, for both targets (one integer
-    specialisation each: the first shape's)."""
+    specialisation each: the first shape's; every one with ``every_specialisation``)."""
     first = {}
     for key in sorted(found):
-        first.setdefault(key[:3], key)
+        first.setdefault(key if every_specialisation else key[:3], key)
     return [(key, arch) for key in first.values() for arch in TARGETS]
 
 
@@ -403,14 +504,17 @@ def write_tables(results: list[Result], out: Path, title: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     stem = f"triton-{triton.__version__}"
     payload = {"triton": triton.__version__,
-               "spill_bound_bytes": {"tensor_cores": SPILL_BOUND_BYTES, "ieee": SPILL_BOUND_IEEE_BYTES},
+               "spill_bound_bytes": {"tensor_cores": SPILL_BOUND_BYTES, "ieee": SPILL_BOUND_IEEE_BYTES,
+                                     "per_kernel": KERNEL_SPILL_BOUNDS},
                "targets": {k: {"arch": a, "shared_limit_bytes": s} for k, (a, s) in TARGETS.items()},
                "results": [asdict(r) for r in results]}
     (out / f"{stem}.json").write_text(json.dumps(payload, indent=1) + "\n")
     lines = [f"# {title}", "",
              f"Triton {triton.__version__}, compiled ahead of time (no GPU) by `python bench/compile_gate.py`; "
-             f"spill bounds {SPILL_BOUND_BYTES} B (tensor-core precisions), {SPILL_BOUND_IEEE_BYTES} B (fp32 IEEE, "
-             "FMA), regression bounds at today's worst (issue 18 lowers them); shared-memory limits "
+             "spill bounds: " + ", ".join(f"{k} {v} B" for k, v in KERNEL_SPILL_BOUNDS.items())
+             + f"; other kernels {SPILL_BOUND_BYTES} B (tensor-core precisions), {SPILL_BOUND_IEEE_BYTES} B "
+             "(fp32 IEEE, FMA), regression bounds at today's worst (issue 18 lowers them); every tuning "
+             "candidate is compiled; shared-memory limits "
              + ", ".join(f"{k} {s} B" for k, (_, s) in TARGETS.items()) + ". "
              "`tc`: tensor-core instructions in the PTX (wgmma: Hopper warpgroup MMA; mma: mma.sync; none: FMA).",
              "",
@@ -527,6 +631,11 @@ def main(argv=None) -> int:
     parser.add_argument("--ci", action="store_true", help="compile the CI sample (see ci_sample), not every precision")
     parser.add_argument("--arch", nargs="+", default=list(TARGETS), choices=list(TARGETS))
     parser.add_argument("--ops", nargs="+", default=["node_lora", "meta_gconv"], choices=["node_lora", "meta_gconv"])
+    parser.add_argument("--kernels", nargs="+", help="only kernels whose name starts with one of these")
+    parser.add_argument("--shapes", nargs="+", help="only these shape names (of NODE_LORA_SHAPES / META_GCONV_SHAPES)")
+    parser.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=list(PRECISIONS))
+    parser.add_argument("--every-specialisation", action="store_true",
+                        help="compile every integer specialisation the shapes make, not one per configuration")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder of the tables")
     parser.add_argument("--cuda", action="store_true", help="also the CUDA extension's table (nvcc, sm_90)")
     parser.add_argument("--no-triton", action="store_true", help="skip the Triton kernels")
@@ -540,8 +649,8 @@ def main(argv=None) -> int:
         with tempfile.TemporaryDirectory() as cache:
             os.environ["TRITON_CACHE_DIR"] = cache  # every compile runs ptxas (and reports)
             os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-            found = collect(args.ops)
-            jobs = ci_sample(found) if args.ci else full_table(found)
+            found = collect(args.ops, args.precisions, args.shapes, args.kernels)
+            jobs = ci_sample(found) if args.ci else full_table(found, args.every_specialisation)
             jobs = [(key, arch) for key, arch in jobs if arch in args.arch]
             print(f"compile_gate: {len(found)} distinct launches; {len(jobs)} compiles, {args.jobs} processes")
             start = time.perf_counter()

@@ -11,9 +11,12 @@ inference) and ``forward+backward`` (every input requires grad; ``out.sum().back
 The candidates are timed round-robin (one call of each per round, ``--repeats`` rounds) so that load
 from other processes on a shared machine hits them alike; the table gives the median and the
 [min, max] over rounds, in milliseconds, and the speed-ups against ``torch`` and the reference.
-On a GPU machine (CUDA tensors) the candidates are ``reference torch triton cuda cuda_simt``:
-``cuda_simt`` is the ``cuda`` backend with its tensor-core path turned off (``ops.cuda_tensor_cores``),
-so that the two CUDA paths are compared in the same run. ``--tf32`` lets every candidate use TF32 for
+On a GPU machine (CUDA tensors) the candidates are ``reference torch triton triton_outer cuda cuda_outer
+cuda_simt``: ``cuda_simt`` is the ``cuda`` backend with its tensor-core path turned off
+(``ops.cuda_tensor_cores``), so that the two CUDA paths are compared in the same run; ``*_outer`` is
+the backend with S / T kept on its outer-product kernels, where by default it runs the hoisted
+GEMMs because they cost fewer FLOPs (``stfast/ops/_formulation.py``): the measurement that checks
+that choice. ``--tf32`` lets every candidate use TF32 for
 fp32 products (``torch.set_float32_matmul_precision("high")``: cuBLAS, Triton's ``tl.dot`` and the
 ``cuda`` tensor-core kernels all follow it).
 """
@@ -21,6 +24,7 @@ fp32 products (``torch.set_float32_matmul_precision("high")``: cuBLAS, Triton's 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -33,7 +37,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 from stfast import ops
 from stfast.benchmarks import roofline
-from stfast.ops import _ext
+from stfast.ops import _ext, _triton_gconv
 from stfast.profiler import describe_device
 from stfast.reference.himnet import HimGCN
 
@@ -52,13 +56,29 @@ def make_inputs(axis: str, device: torch.device, dtype: torch.dtype = torch.floa
     return gcn, [t.to(device, dtype) for t in (x, supports, embeddings)]
 
 
+VARIANTS = ("cuda_simt", "triton_outer", "cuda_outer")  # a backend run with one setting changed
+
+
+@contextlib.contextmanager
+def outer_kernels(enabled: bool):
+    """S / T on the GPU backends' outer-product kernels even where the hoisted GEMMs cost fewer FLOPs."""
+    saved = _triton_gconv.FORMULATION, _ext.FORMULATION
+    if enabled:
+        _triton_gconv.FORMULATION = _ext.FORMULATION = "outer"
+    try:
+        yield
+    finally:
+        _triton_gconv.FORMULATION, _ext.FORMULATION = saved
+
+
 def candidate(name: str, gcn: HimGCN):
     if name == "reference":
         return lambda x, supports, e: gcn(x, supports, e)
-    backend, tensor_cores = ("cuda", False) if name == "cuda_simt" else (name, True)
+    backend = name.split("_")[0] if name in VARIANTS else name
 
     def run(x, supports, e):
-        with ops.use_backend(backend), ops.cuda_tensor_cores(tensor_cores):
+        with ops.use_backend(backend), ops.cuda_tensor_cores(name != "cuda_simt"), outer_kernels(
+                name.endswith("_outer")):
             return ops.meta_gconv(x, supports, e, gcn.weights_pool, gcn.bias_pool, gcn.cheb_k, axis=gcn.meta_axis)
 
     return run
@@ -154,7 +174,8 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--formulation", default=None, choices=("auto", "outer", "grouped"),
-                        help="CPU kernels' meta GEMM formulation (default: the backend's own choice)")
+                        help="CPU kernels' meta GEMM formulation (default: the backend's own choice); on CUDA, "
+                             "outer / grouped keep S / T on the kernels instead of the hoisted GEMMs")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--tf32", action="store_true", help="fp32 products in TF32 for every candidate")
     parser.add_argument("--out", type=Path, default=None, help="also write the table to this file")
@@ -167,9 +188,10 @@ def main(argv=None) -> int:
         _ext.FORMULATION = args.formulation
     device = torch.device(args.device)
     requested = args.backends or (["reference", "torch", "cpu"] if device.type == "cpu"
-                                  else ["reference", "torch", "triton", "cuda", "cuda_simt"])
+                                  else ["reference", "torch", "triton", "triton_outer", "cuda", "cuda_outer",
+                                        "cuda_simt"])
     status = ops.available_backends(device, "meta_gconv")
-    status["cuda_simt"] = status["cuda"]
+    status.update({variant: status[variant.split("_")[0]] for variant in VARIANTS})
     names, skipped = [], {}
     for name in requested:
         if name == "reference" or status.get(name) is True:

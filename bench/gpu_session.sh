@@ -16,6 +16,8 @@
 #   himnet_compile  the same for torch.compile of the reference
 #   node_lora    node_lora op micro-benchmark (fp32 and bf16)
 #   meta_gconv   meta_gconv op micro-benchmark (the cuda kernels' tensor-core and SIMT paths, TF32)
+#   tune         the Triton kernels' candidate launches timed per tuning key (bench/tune_triton.py): the new
+#                kernels/_tuned.py (on a CPU: only the candidates listed, --list)
 #   auto_table   measured winners for backend "auto" (bench/auto_table.py): the new _auto_table.py
 #   stlora       stfast bench stlora --quick, STGCN and D2STGNN (the paper quotes D2STGNN) (skipped, with a note, if the subcommand is missing)
 #   efficiency   stfast bench efficiency --quick (the paper's table, short form)
@@ -197,6 +199,8 @@ if [ "$device" = cuda ]; then
         --dtype bfloat16 --methods einsum torch triton cuda cuda_simt --warmup 3 --repeats 10 --out '$R/node_lora'"
     step meta_gconv 50 "$python" bench/ext_ops.py --device cuda --tf32 --repeats 10 \
         --out "$R/meta_gconv/meta_gconv_paths_tf32.md"
+    step tune 90 "$python" bench/tune_triton.py --shapes metr-la-b16 pems07-b64 --precisions tf32 bf16 \
+        --rounds 3 --warmup-ms 5 --rep-ms 10 --out "$R/tune"
     step auto_table 60 "$python" bench/auto_table.py --device cuda --rounds 3 --repeats 5 --out "$R/auto_table"
 else
     step himnet_step 120 "$python" bench/himnet_step.py --device cpu --backends reference torch --warmup 0 \
@@ -205,6 +209,7 @@ else
         --warmup 1 --repeats 2 --out "$R/node_lora"
     step meta_gconv 60 "$python" bench/ext_ops.py --device cpu --axes S --repeats 2 --warmup 1 \
         --out "$R/meta_gconv/meta_gconv_paths.md"
+    step tune 60 bash -c "'$python' bench/tune_triton.py --list --precisions tf32 >'$R/tune/candidates.txt'"
     step auto_table 60 "$python" bench/auto_table.py --device cpu --ops node_lora --rounds 1 --repeats 1 --warmup 1 \
         --out "$R/auto_table"
 fi

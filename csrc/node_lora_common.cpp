@@ -37,9 +37,9 @@ LoraShape check_node_lora_inputs(
     double scale,
     const std::optional<c10::string_view>& activation,
     double dropout_p,
-    int64_t seed,
-    int64_t offset) {
-  check_dropout_mask_inputs(op, x, dropout_p, seed, offset);
+    const at::Tensor& seed) {
+  check_dropout_mask_inputs(op, x, dropout_p, 0, 0);
+  check_dropout_seed(op, seed, x);
   check_no_zero_size(op, "x", "(..., N, d_in)", x.sizes());
   TORCH_CHECK_VALUE(std::isfinite(scale), op, ": scale: expected a finite float, got ", scale);
   LoraShape s{};
@@ -76,9 +76,19 @@ LoraShape check_node_lora_inputs(
   s.activation = parse_lora_activation(op, activation);
   s.scale = scale;
   s.dropout_p = dropout_p;
-  s.seed = static_cast<uint64_t>(seed);
-  s.offset = static_cast<uint64_t>(offset);
+  s.seed = seed.data_ptr<int64_t>();
   return s;
+}
+
+void check_dropout_seed(const char* op, const at::Tensor& seed, const at::Tensor& x) {
+  TORCH_CHECK_VALUE(seed.defined() && seed.dim() == 1 && seed.size(0) == 2, op,
+                    ": seed: expected a tensor of shape (2,) (the seed and the offset of the dropout draw), got ",
+                    seed.defined() ? seed.sizes() : at::IntArrayRef{});
+  TORCH_CHECK_TYPE(seed.scalar_type() == at::kLong, op, ": seed: expected dtype int64, got ",
+                   c10::toString(seed.scalar_type()));
+  TORCH_CHECK_VALUE(seed.device() == x.device(), op, ": seed: expected a tensor on x's device ", x.device(),
+                    ", got ", seed.device());
+  TORCH_CHECK_VALUE(seed.is_contiguous(), op, ": seed: expected a contiguous tensor, got strides ", seed.strides());
 }
 
 void check_dropout_mask_inputs(const char* op, const at::Tensor& x, double dropout_p, int64_t seed, int64_t offset) {

@@ -20,7 +20,9 @@ struct LoraShape {
   bool has_bias;
   double scale;
   double dropout_p;
-  uint64_t seed, offset;
+  // (seed, offset) of the dropout draw: the seed tensor's memory, on x's device (host memory for CPU
+  // tensors, read by the CPU kernels; device memory for CUDA tensors, read by the CUDA kernels).
+  const int64_t* seed;
   int64_t rows() const { return M * N; }
 };
 
@@ -38,8 +40,12 @@ LoraShape check_node_lora_inputs(
     double scale,
     const std::optional<c10::string_view>& activation,
     double dropout_p,
-    int64_t seed,
-    int64_t offset);
+    const at::Tensor& seed);
+
+// The dropout seed of node_lora_fwd / node_lora_bwd: an int64 tensor of shape (2,), (seed, offset), on
+// x's device, contiguous. Its values are not checked (that would read device memory): any bits are a
+// valid seed.
+void check_dropout_seed(const char* op, const at::Tensor& seed, const at::Tensor& x);
 
 // The inputs of node_lora_dropout_mask (x of shape (..., N, d_in) in a supported dtype, dropout_p in
 // [0, 1), seed and offset >= 0), the checks node_lora_fwd makes of them.

@@ -58,15 +58,16 @@ TORCH_LIBRARY(stfast_ext, m) {
   // Forward of stfast::node_lora: x W^T + b + scale * act(drop(x) A[n]) B[n] for x (..., N, d_in),
   // weight (d_out, d_in), bias (d_out), lora_a (N, d_in, r), lora_b (N, r, d_out). activation: None,
   // "leaky_relu", "relu", "tanh", "sigmoid". Dropout (dropout_p > 0) draws Triton's tl.rand mask from
-  // (seed, offset) (csrc/node_lora_math.h), so cpu, cuda and triton agree.
+  // (seed, offset) = the int64 tensor `seed` of shape (2,) on x's device (csrc/node_lora_math.h), so
+  // cpu, cuda and triton agree; the CUDA kernels read it from device memory (no host sync).
   m.def(
       "node_lora_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, float scale, "
-      "str? activation, float dropout_p, int seed, int offset) -> Tensor");
+      "str? activation, float dropout_p, Tensor seed) -> Tensor");
   // Backward: (dx, d weight, d bias, d lora_a, d lora_b); a gradient not in `needs` (same order), and
   // d bias without a bias, comes back as an empty tensor.
   m.def(
       "node_lora_bwd(Tensor grad, Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, "
-      "float scale, str? activation, float dropout_p, int seed, int offset, bool[5] needs) "
+      "float scale, str? activation, float dropout_p, Tensor seed, bool[5] needs) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // The dropout multiplier node_lora draws for x (keep / (1 - p), x's shape and dtype): for tests.
   m.def("node_lora_dropout_mask(Tensor x, float dropout_p, int seed, int offset) -> Tensor");

@@ -12,7 +12,9 @@ The rank is padded to ``R_PAD >= 16`` (a ``tl.dot`` dimension) by masks.
 
 Dropout (low-rank path only) is counter-based: element ``(row, k)`` is kept when
 ``tl.rand(seed, offset + row*K + k) >= p`` (Philox), so every kernel that needs the mask draws it
-again from ``(seed, offset)`` instead of reading a stored one.
+again from ``(seed, offset)`` instead of reading a stored one. ``(seed, offset)`` is read from device
+memory (``seed_ptr``: an int64 tensor ``(2,)``), never passed from the host, so a new seed per step
+neither recompiles nor needs a host value: the training step can be captured in a CUDA graph.
 
 Kernels (all deterministic: every output element is written by exactly one program, which
 reduces in registers in a fixed order; no atomics):
@@ -30,11 +32,12 @@ reduces in registers in a fixed order; no atomics):
   gives partial ``dW = g^T x`` and (first K tile) ``db = sum g``; the launcher sums the ``S``
   partials with ``torch.sum`` (a fixed order, deterministic). ``S`` depends only on the shapes.
 
-``g`` is the gradient of ``y``. Block sizes are fixed (no autotuning yet): see ``_blocks``. Every
-launch (grid, constexprs, warps, stages) comes from ``forward_launch`` / ``backward_launches``, pure
-functions of the shapes that the compile gate (``bench/compile_gate.py``) compiles for sm_80 / sm_90.
-``seed`` and ``offset`` are not specialised on (``do_not_specialize``): a new seed per step does not
-recompile.
+``g`` is the gradient of ``y``. Every launch (grid, constexprs, warps, stages) comes from
+``forward_launch`` / ``backward_launches``: each kernel has a few candidate launches per dot path and
+padded rank (``FWD_CONFIGS`` ...; ``*_candidates``, pure functions of the shapes), the first the
+default, and ``stfast.kernels._utils.choose`` picks one deterministically (a measured winner for the
+device from ``stfast.kernels._tuned``, else the default). The compile gate (``bench/compile_gate.py``)
+compiles every candidate for sm_80 / sm_90: none spills.
 """
 
 from __future__ import annotations
@@ -43,7 +46,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import Launch, block_size, check_launchable, device_of, dot_precision, is_interpreted
+from ._utils import (Launch, block_size, bucket, check_launchable, choose, device_of, distinct_configs,
+                     dot_precision, is_interpreted)
 
 __all__ = [
     "ACTIVATION_CODES",
@@ -51,7 +55,14 @@ __all__ = [
     "MAX_RANK",
     "backward_launches",
     "check_rank",
+    "da_candidates",
+    "db_candidates",
+    "dw_candidates",
+    "forward_candidates",
     "forward_launch",
+    "r_pad",
+    "rows_candidates",
+    "rows_per_split",
     "node_lora_forward",
     "node_lora_backward",
     "dropout_keep_mask",
@@ -109,6 +120,12 @@ def _dropped(x, seed, offset, rows, cols, K, p, inv_keep):
 
 
 @triton.jit
+def _load_seed(seed_ptr):
+    """``(seed, offset)`` of the dropout draw, from device memory (int64 ``(2,)``)."""
+    return tl.load(seed_ptr), tl.load(seed_ptr + 1)
+
+
+@triton.jit
 def _node_and_batch_tile(M, BLOCK_M: tl.constexpr):
     """``(node, batch tile)`` of this program on the flat grid ``N * cdiv(M, BLOCK_M)``, node-major
     (consecutive programs share one node's ``A[n]`` and ``B[n]``)."""
@@ -141,11 +158,11 @@ def _shrink(x_ptr, a_ptr, rows, mask_m, n, K, R, seed, offset, p, inv_keep,
 
 # ---------------------------------------------------------------- forward
 
-@triton.jit(do_not_specialize=["seed", "offset"])
+@triton.jit
 def node_lora_fwd(
-    x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, out_ptr,
+    x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, out_ptr, seed_ptr,
     M, N, K, O, R,
-    scale, seed, offset, p, inv_keep,
+    scale, p, inv_keep,
     HAS_BIAS: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     ACTIVATION: tl.constexpr,
@@ -164,6 +181,7 @@ def node_lora_fwd(
     offs_r = tl.arange(0, R_PAD)
     mask_r = offs_r < R
 
+    seed, offset = _load_seed(seed_ptr)
     h = _shrink(x_ptr, a_ptr, rows, mask_m, n, K, R, seed, offset, p, inv_keep,
                 HAS_DROPOUT, INPUT_PRECISION, BLOCK_M, BLOCK_K, R_PAD)
     act = (_activate(h, ACTIVATION) * scale).to(b_ptr.dtype.element_ty)  # padded rank columns stay 0
@@ -188,11 +206,11 @@ def node_lora_fwd(
 
 # ---------------------------------------------------------------- backward: per-row terms and dx
 
-@triton.jit(do_not_specialize=["seed", "offset"])
+@triton.jit
 def node_lora_bwd_rows(
-    g_ptr, x_ptr, w_ptr, a_ptr, b_ptr, gh_ptr, sa_ptr, dx_ptr,
+    g_ptr, x_ptr, w_ptr, a_ptr, b_ptr, gh_ptr, sa_ptr, dx_ptr, seed_ptr,
     M, N, K, O, R,
-    scale, seed, offset, p, inv_keep,
+    scale, p, inv_keep,
     NEED_GH: tl.constexpr,
     NEED_SA: tl.constexpr,
     NEED_DX: tl.constexpr,
@@ -216,6 +234,7 @@ def node_lora_bwd_rows(
     # that the dA / dB kernels never read uninitialised memory.
     mask_rows = mask_m[:, None] & (offs_r < R_PAD)[None, :]
 
+    seed, offset = _load_seed(seed_ptr)
     h = _shrink(x_ptr, a_ptr, rows, mask_m, n, K, R, seed, offset, p, inv_keep,
                 HAS_DROPOUT, INPUT_PRECISION, BLOCK_M, BLOCK_K, R_PAD)
     if NEED_SA:
@@ -258,11 +277,11 @@ def node_lora_bwd_rows(
 
 # ---------------------------------------------------------------- backward: dA and dB (per node)
 
-@triton.jit(do_not_specialize=["seed", "offset"])
+@triton.jit
 def node_lora_bwd_da(
-    x_ptr, gh_ptr, da_ptr,
+    x_ptr, gh_ptr, da_ptr, seed_ptr,
     M, N, K, R,
-    seed, offset, p, inv_keep,
+    p, inv_keep,
     HAS_DROPOUT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -275,6 +294,7 @@ def node_lora_bwd_da(
     mask_k = cols < K
     offs_r = tl.arange(0, R_PAD)
     offs_m = tl.arange(0, BLOCK_M)
+    seed, offset = _load_seed(seed_ptr)
     acc = tl.zeros((BLOCK_K, R_PAD), dtype=tl.float32)
     for m0 in range(0, M, BLOCK_M):
         batch = (m0 + offs_m).to(tl.int64)
@@ -384,24 +404,59 @@ def dropout_keep_mask(rows: int, k: int, p: float, seed: int, offset: int, devic
 
 # ---------------------------------------------------------------- launch configuration
 
-# Block sizes (fixed until autotuning lands):
-# - BLOCK_M <= 64 batch rows per program: one node's rows; B = 64 in the benchmark gives one tile
-#   per node and N programs (883 for the benchmark, 207 for METR-LA), enough to fill a GPU.
-# - BLOCK_K, BLOCK_O <= 64: d_in / d_out are 32..256; larger tiles would spill with the
-#   (BLOCK_M, R_PAD) low-rank tile held across the output loop.
-# - R_PAD: the rank rounded up to a power of two, at least 16 (a tl.dot dimension), at most
-#   MAX_RANK: the padded rank lives in registers and shared memory whole (no rank tiling), and the
-#   compile gate (bench/compile_gate.py) shows the kernels fitting sm_80's and sm_90's shared memory
-#   up to that rank.
-# Small problems shrink the tiles (down to 16) so that the interpreter stays fast on tiny tests.
-NUM_WARPS = 4
-NUM_STAGES = 3
+# Tiles, warps and stages per kernel, by dot path (``_path``) and padded rank ``R_PAD``: the first
+# entry of each list is the default, the others tuning candidates (``stfast.kernels._utils.choose``
+# picks a measured winner from ``stfast.kernels._tuned`` where a GPU session recorded one). The tile
+# sizes are caps: small problems shrink them to the extent (down to 16, a tl.dot minimum), which
+# also keeps the interpreter fast on tiny tests. Every entry compiles without a register spill at
+# sm_80 and sm_90, at every rank up to MAX_RANK, in every precision (bench/compile_gate.py; issue 18).
+# Why they differ:
+# - "ieee" (fp32 products on FMA units) keeps each operand's reduction slice in registers: the
+#   (BLOCK_M, R_PAD) low-rank tile, held across the forward's output loop and the backward's dx loop,
+#   must shrink as R_PAD grows (BLOCK_M 16 at R_PAD 64-128, and BLOCK_K 16 in the backward rows at 128),
+#   and one or two stages leave registers for it.
+# - "tf32" (fp32 on tensor cores) stages fp32 tiles: BLOCK_M 32 with 32-wide K tiles from R_PAD 64.
+# - "half" (bf16 / fp16 on tensor cores) fits 64-row tiles up to R_PAD 128 with 32-wide K tiles.
+# - The per-node reductions (dA, dB) hold a (BLOCK_K or BLOCK_O, R_PAD) fp32 accumulator: 32-wide at
+#   R_PAD 128 in ieee. dW / dbias does not depend on the rank.
+# - Some entries avoid a few-byte spill that ptxas makes at one stage or warp count and not at a
+#   neighbouring one (e.g. ieee dA / dB with 16-row tiles at 2 stages on sm_80, tf32 backward rows at
+#   R_PAD 64 with 16-row tiles at 2 stages on sm_80): the gate's table is the judge, not a formula.
+# BLOCK_M <= 64: one node's batch rows per program (B = 64 in the benchmark gives one tile per node and
+# N programs, 883 for PEMS07, 207 for METR-LA, enough to fill a GPU).
+# (BLOCK_M, BLOCK_K, BLOCK_O, num_warps, num_stages)
+FWD_CONFIGS = {
+    "ieee": {16: [(64, 32, 64, 4, 2), (32, 32, 64, 4, 2)], 32: [(32, 32, 64, 4, 2), (64, 32, 64, 8, 2)],
+             64: [(16, 32, 64, 4, 1), (32, 32, 64, 8, 1)], 128: [(16, 32, 64, 4, 1), (32, 32, 64, 8, 1)]},
+    "tf32": {16: [(64, 64, 64, 4, 3), (64, 32, 64, 4, 2)], 32: [(64, 64, 64, 4, 3), (64, 32, 64, 4, 2)],
+             64: [(32, 32, 64, 4, 2), (64, 32, 64, 8, 2)], 128: [(32, 32, 64, 4, 2), (64, 32, 64, 8, 2)]},
+    "half": {16: [(64, 64, 64, 4, 3), (64, 32, 64, 4, 2)], 32: [(64, 64, 64, 4, 3), (64, 32, 64, 4, 2)],
+             64: [(64, 32, 64, 4, 2), (64, 32, 64, 8, 2)], 128: [(64, 32, 64, 4, 2), (32, 64, 64, 4, 2)]},
+}
+ROWS_CONFIGS = {
+    "ieee": {16: [(32, 32, 32, 4, 1), (64, 32, 64, 8, 1)], 32: [(32, 32, 32, 4, 2), (16, 32, 64, 4, 1)],
+             64: [(16, 32, 64, 4, 1)], 128: [(16, 16, 32, 4, 1), (32, 16, 32, 8, 1)]},
+    "tf32": {16: [(64, 32, 64, 4, 2), (32, 64, 64, 4, 2)], 32: [(64, 32, 64, 4, 2), (32, 64, 64, 4, 2)],
+             64: [(32, 32, 64, 4, 1), (64, 32, 64, 8, 1)], 128: [(32, 32, 64, 4, 2), (64, 32, 64, 8, 2)]},
+    "half": {16: [(64, 64, 64, 4, 2), (64, 32, 64, 4, 2)], 32: [(64, 64, 64, 4, 2), (64, 32, 64, 4, 2)],
+             64: [(32, 64, 64, 4, 2), (64, 32, 64, 8, 2)], 128: [(32, 64, 64, 4, 2), (64, 32, 64, 8, 2)]},
+}
+# (BLOCK_M, BLOCK_K or BLOCK_O, num_warps, num_stages)
+_PER_NODE_TC = {16: [(64, 64, 4, 2), (32, 64, 4, 2)], 32: [(64, 64, 4, 2), (32, 64, 4, 2)],
+                64: [(64, 64, 4, 2), (32, 64, 4, 2)], 128: [(64, 64, 4, 2), (32, 32, 4, 2)]}
+PER_NODE_CONFIGS = {  # node_lora_bwd_da (BLOCK_K) and node_lora_bwd_db (BLOCK_O)
+    "ieee": {16: [(64, 64, 4, 3), (32, 32, 4, 3)], 32: [(32, 64, 4, 3), (32, 32, 4, 3)],
+             64: [(32, 64, 4, 3), (32, 32, 4, 3)], 128: [(32, 32, 4, 2), (64, 32, 8, 2)]},
+    "tf32": _PER_NODE_TC,
+    "half": _PER_NODE_TC,
+}
+# (BLOCK_ROWS, BLOCK_K, BLOCK_O, num_warps, num_stages)
+DW_CONFIGS = {
+    "ieee": [(64, 32, 32, 4, 2), (64, 64, 64, 8, 2)],
+    "tf32": [(64, 64, 64, 4, 2), (64, 32, 32, 4, 2)],
+    "half": [(64, 64, 64, 4, 2), (64, 32, 32, 4, 2)],
+}
 MAX_RANK = 128
-
-
-def _blocks(batch: int, k: int, o: int, rank: int) -> tuple[int, int, int, int]:
-    return (block_size(batch, 16, 64), block_size(k, 16, 64), block_size(o, 16, 64),
-            block_size(rank, 16, MAX_RANK))
 
 
 def check_rank(rank: int) -> None:
@@ -412,11 +467,42 @@ def check_rank(rank: int) -> None:
             f"padded rank whole in registers and shared memory); the torch, cpu and cuda backends take any rank")
 
 
+def r_pad(rank: int) -> int:
+    """The padded rank: a power of two, at least 16 (a ``tl.dot`` dimension), at most ``MAX_RANK``."""
+    return block_size(rank, 16, MAX_RANK)
+
+
+def _path(dtype: torch.dtype, input_precision: str) -> str:
+    """How ``tl.dot`` computes: ``"ieee"`` (fp32 on FMA units), ``"tf32"`` or ``"half"`` (tensor cores)."""
+    if input_precision == "ieee" and dtype == torch.float32:
+        return "ieee"
+    return "tf32" if dtype == torch.float32 else "half"
+
+
+def _key(role: str, batch: int, k: int, o: int, rank: int, dtype: torch.dtype, input_precision: str,
+         *flags) -> tuple:
+    """The tuning key: coarse (bucketed) shapes, so that one measured winner serves a bucket."""
+    return (role, bucket(batch), bucket(k), bucket(o), r_pad(rank), str(dtype).removeprefix("torch."),
+            input_precision, *flags)
+
+
+def _warps(warps: int, tile: int, full_tile: int) -> int:
+    """Fewer warps for a tile shrunk below the size the warps were chosen for."""
+    return warps if tile >= full_tile else min(warps, 4)
+
+
+
 def _splits(rows: int, tiles: int, block_rows: int) -> int:
     """How many row splits the dW / db reduction uses: enough programs to fill a GPU (~512 with the
     (O, K) tiles), never a split shorter than 8 row blocks. A function of the shapes only."""
     wanted = max(1, 512 // max(tiles, 1))
     return max(1, min(wanted, triton.cdiv(rows, 8 * block_rows)))
+
+
+def rows_per_split(rows: int, launch: Launch) -> int:
+    """Rows of each split of a ``node_lora_bwd_dw`` launch (whole row blocks)."""
+    splits, block_rows = launch.grid[2], launch.constexprs["BLOCK_ROWS"]
+    return triton.cdiv(triton.cdiv(rows, splits), block_rows) * block_rows
 
 
 def _row_grid(batch: int, nodes: int, block_m: int) -> tuple[int]:
@@ -425,60 +511,120 @@ def _row_grid(batch: int, nodes: int, block_m: int) -> tuple[int]:
     return (nodes * triton.cdiv(batch, block_m),)
 
 
-def forward_launch(batch: int, nodes: int, k: int, o: int, rank: int, *, has_bias: bool, dropout_p: float,
-                   activation, input_precision: str) -> Launch:
-    """The ``node_lora_fwd`` launch for ``x (batch, nodes, k)``, ``o`` outputs and rank ``rank``."""
+def forward_candidates(batch: int, nodes: int, k: int, o: int, rank: int, *, has_bias: bool, dropout_p: float,
+                       activation, input_precision: str, dtype: torch.dtype = torch.float32) -> list[Launch]:
+    """The ``node_lora_fwd`` launches tuning chooses among for ``x (batch, nodes, k)``, ``o`` outputs and
+    rank ``rank``; the first is the default."""
     check_rank(rank)
-    block_m, block_k, block_o, r_pad = _blocks(batch, k, o, rank)
-    return Launch("node_lora_fwd", _row_grid(batch, nodes, block_m), dict(
-        HAS_BIAS=has_bias, HAS_DROPOUT=dropout_p > 0, ACTIVATION=ACTIVATION_CODES[activation],
-        INPUT_PRECISION=input_precision, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_O=block_o, R_PAD=r_pad,
-    ), NUM_WARPS, NUM_STAGES)
+    flags = dict(HAS_BIAS=has_bias, HAS_DROPOUT=dropout_p > 0, ACTIVATION=ACTIVATION_CODES[activation],
+                 INPUT_PRECISION=input_precision)
+    launches = []
+    for bm, bk, bo, warps, stages in FWD_CONFIGS[_path(dtype, input_precision)][r_pad(rank)]:
+        block_m, block_o = block_size(batch, 16, bm), block_size(o, 16, bo)
+        launches.append(Launch("node_lora_fwd", _row_grid(batch, nodes, block_m), dict(
+            flags, BLOCK_M=block_m, BLOCK_K=block_size(k, 16, bk), BLOCK_O=block_o, R_PAD=r_pad(rank),
+        ), _warps(warps, block_m * block_o, bm * bo), stages))
+    return distinct_configs(launches)
 
 
-def dw_rows_per_split(batch: int, nodes: int, k: int, o: int, rank: int) -> tuple[int, int]:
-    """``(splits, rows_per_split)`` of the dW / db reduction over the ``batch * nodes`` rows."""
-    _, block_k, block_o, _ = _blocks(batch, k, o, rank)
+def forward_launch(batch: int, nodes: int, k: int, o: int, rank: int, *, has_bias: bool, dropout_p: float,
+                   activation, input_precision: str, dtype: torch.dtype = torch.float32, device=None) -> Launch:
+    """The ``node_lora_fwd`` launch that runs (``choose`` among ``forward_candidates``)."""
+    candidates = forward_candidates(batch, nodes, k, o, rank, has_bias=has_bias, dropout_p=dropout_p,
+                                    activation=activation, input_precision=input_precision, dtype=dtype)
+    return choose(candidates, _key("fwd", batch, k, o, rank, dtype, input_precision), device)
+
+
+def rows_candidates(batch: int, nodes: int, k: int, o: int, rank: int, *, need_gh: bool, need_sa: bool,
+                    need_dx: bool, dropout_p: float, activation, input_precision: str,
+                    dtype: torch.dtype = torch.float32) -> list[Launch]:
+    """The ``node_lora_bwd_rows`` launches tuning chooses among; the first is the default."""
+    flags = dict(NEED_GH=need_gh, NEED_SA=need_sa, NEED_DX=need_dx, HAS_DROPOUT=dropout_p > 0,
+                 ACTIVATION=ACTIVATION_CODES[activation], INPUT_PRECISION=input_precision)
+    launches = []
+    for bm, bk, bo, warps, stages in ROWS_CONFIGS[_path(dtype, input_precision)][r_pad(rank)]:
+        block_m, block_o = block_size(batch, 16, bm), block_size(o, 16, bo)
+        launches.append(Launch("node_lora_bwd_rows", _row_grid(batch, nodes, block_m), dict(
+            flags, BLOCK_M=block_m, BLOCK_K=block_size(k, 16, bk), BLOCK_O=block_o, R_PAD=r_pad(rank),
+        ), _warps(warps, block_m * block_o, bm * bo), stages))
+    return distinct_configs(launches)
+
+
+def _per_node_candidates(kernel: str, batch: int, nodes: int, width: int, rank: int, flags: dict, width_name: str,
+                         dtype: torch.dtype, input_precision: str) -> list[Launch]:
+    launches = []
+    for bm, bw, warps, stages in PER_NODE_CONFIGS[_path(dtype, input_precision)][r_pad(rank)]:
+        block_m, block_w = block_size(batch, 16, bm), block_size(width, 16, bw)
+        launches.append(Launch(kernel, (nodes, triton.cdiv(width, block_w)), dict(
+            flags, BLOCK_M=block_m, **{width_name: block_w}, R_PAD=r_pad(rank),
+        ), _warps(warps, block_m * block_w, bm * bw), stages))
+    return distinct_configs(launches)
+
+
+def da_candidates(batch: int, nodes: int, k: int, rank: int, *, dropout_p: float, input_precision: str,
+                  dtype: torch.dtype = torch.float32) -> list[Launch]:
+    """The ``node_lora_bwd_da`` launches tuning chooses among; the first is the default."""
+    flags = dict(HAS_DROPOUT=dropout_p > 0, INPUT_PRECISION=input_precision)
+    return _per_node_candidates("node_lora_bwd_da", batch, nodes, k, rank, flags, "BLOCK_K", dtype, input_precision)
+
+
+def db_candidates(batch: int, nodes: int, o: int, rank: int, *, input_precision: str,
+                  dtype: torch.dtype = torch.float32) -> list[Launch]:
+    """The ``node_lora_bwd_db`` launches tuning chooses among; the first is the default."""
+    flags = dict(INPUT_PRECISION=input_precision)
+    return _per_node_candidates("node_lora_bwd_db", batch, nodes, o, rank, flags, "BLOCK_O", dtype, input_precision)
+
+
+def dw_candidates(batch: int, nodes: int, k: int, o: int, *, need_weight: bool, need_bias: bool, input_precision: str,
+                  dtype: torch.dtype = torch.float32) -> list[Launch]:
+    """The ``node_lora_bwd_dw`` launches tuning chooses among; the first is the default. The grid's third
+    axis is the number of row splits, from the shapes and the tiles only (deterministic)."""
     rows = batch * nodes
-    block_rows = block_size(rows, 16, 64)
-    splits = _splits(rows, triton.cdiv(o, block_o) * triton.cdiv(k, block_k), block_rows)
-    return splits, triton.cdiv(triton.cdiv(rows, splits), block_rows) * block_rows
+    flags = dict(NEED_DW=need_weight, NEED_DBIAS=need_bias, INPUT_PRECISION=input_precision)
+    launches = []
+    for br, bk, bo, warps, stages in DW_CONFIGS[_path(dtype, input_precision)]:
+        block_rows, block_k, block_o = block_size(rows, 16, br), block_size(k, 16, bk), block_size(o, 16, bo)
+        # At least one K tile even when d_in == 0: its programs own db (an empty grid would leave the
+        # bias gradient's partials unwritten).
+        k_tiles, o_tiles = max(1, triton.cdiv(k, block_k)), triton.cdiv(o, block_o)
+        splits = _splits(rows, o_tiles * k_tiles, block_rows)
+        # A (BLOCK_ROWS, 16) x (16, 16) product on 4 warps spills a few bytes at sm_90: 2 warps then.
+        tiny = block_k * block_o <= 16 * 16
+        launches.append(Launch("node_lora_bwd_dw", (o_tiles, k_tiles, splits), dict(
+            flags, BLOCK_ROWS=block_rows, BLOCK_K=block_k, BLOCK_O=block_o,
+        ), min(warps, 2) if tiny else _warps(warps, block_k * block_o, bk * bo), stages))
+    return distinct_configs(launches)
 
 
 def backward_launches(batch: int, nodes: int, k: int, o: int, rank: int, *, needs, has_bias: bool,
-                      dropout_p: float, activation, input_precision: str) -> dict[str, Launch]:
+                      dropout_p: float, activation, input_precision: str, dtype: torch.dtype = torch.float32,
+                      device=None) -> dict[str, Launch]:
     """The backward's launches by role (``rows``, ``da``, ``db``, ``dw``), only those ``needs``
-    (``(x, weight, bias, lora_a, lora_b)``) calls for."""
+    (``(x, weight, bias, lora_a, lora_b)``) calls for, each ``choose`` among its candidates."""
     check_rank(rank)
     need_x, need_weight, need_bias, need_a, need_b = (bool(n) for n in needs)
     need_bias = need_bias and has_bias
     need_gh = need_x or need_a
-    block_m, block_k, block_o, r_pad = _blocks(batch, k, o, rank)
-    has_dropout = dropout_p > 0
+
+    def key(role, *flags):
+        return _key(role, batch, k, o, rank, dtype, input_precision, *flags)
+
     launches = {}
     if (need_gh or need_b) and batch * nodes:
-        launches["rows"] = Launch("node_lora_bwd_rows", _row_grid(batch, nodes, block_m), dict(
-            NEED_GH=need_gh, NEED_SA=need_b, NEED_DX=need_x, HAS_DROPOUT=has_dropout,
-            ACTIVATION=ACTIVATION_CODES[activation], INPUT_PRECISION=input_precision,
-            BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_O=block_o, R_PAD=r_pad,
-        ), NUM_WARPS, NUM_STAGES)
+        launches["rows"] = choose(rows_candidates(
+            batch, nodes, k, o, rank, need_gh=need_gh, need_sa=need_b, need_dx=need_x, dropout_p=dropout_p,
+            activation=activation, input_precision=input_precision, dtype=dtype),
+            key("rows", need_gh, need_b, need_x), device)
     if need_a:
-        launches["da"] = Launch("node_lora_bwd_da", (nodes, triton.cdiv(k, block_k)), dict(
-            HAS_DROPOUT=has_dropout, INPUT_PRECISION=input_precision, BLOCK_M=block_m, BLOCK_K=block_k, R_PAD=r_pad,
-        ), NUM_WARPS, NUM_STAGES)
+        launches["da"] = choose(da_candidates(batch, nodes, k, rank, dropout_p=dropout_p,
+                                              input_precision=input_precision, dtype=dtype), key("da"), device)
     if need_b:
-        launches["db"] = Launch("node_lora_bwd_db", (nodes, triton.cdiv(o, block_o)), dict(
-            INPUT_PRECISION=input_precision, BLOCK_M=block_m, BLOCK_O=block_o, R_PAD=r_pad,
-        ), NUM_WARPS, NUM_STAGES)
+        launches["db"] = choose(db_candidates(batch, nodes, o, rank, input_precision=input_precision, dtype=dtype),
+                                key("db"), device)
     if need_weight or need_bias:
-        splits, _ = dw_rows_per_split(batch, nodes, k, o, rank)
-        # At least one K tile even when d_in == 0: its programs own db (an empty grid would leave the
-        # bias gradient's partials unwritten).
-        k_tiles = max(1, triton.cdiv(k, block_k))
-        launches["dw"] = Launch("node_lora_bwd_dw", (triton.cdiv(o, block_o), k_tiles, splits), dict(
-            NEED_DW=need_weight, NEED_DBIAS=need_bias, INPUT_PRECISION=input_precision,
-            BLOCK_ROWS=block_size(batch * nodes, 16, 64), BLOCK_K=block_k, BLOCK_O=block_o,
-        ), NUM_WARPS, NUM_STAGES)
+        launches["dw"] = choose(dw_candidates(batch, nodes, k, o, need_weight=need_weight, need_bias=need_bias,
+                                              input_precision=input_precision, dtype=dtype),
+                                key("dw", need_weight, need_bias), device)
     return launches
 
 
@@ -500,40 +646,41 @@ def _module():
     return sys.modules[__name__]
 
 
-def node_lora_forward(x, weight, bias, lora_a, lora_b, scale, activation, dropout_p, seed, offset,
-                      input_precision=None):
-    """``x (M, N, K)`` -> ``(M, N, O)``; all tensors contiguous, one dtype. ``input_precision``: see
-    ``dot_precision``."""
-    _check_contiguous(x=x, weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b)
-    check_launchable(node_lora_fwd, x, weight, bias, lora_a, lora_b)
+def node_lora_forward(x, weight, bias, lora_a, lora_b, scale, activation, dropout_p, seed, input_precision=None):
+    """``x (M, N, K)`` -> ``(M, N, O)``; all tensors contiguous, one dtype; ``seed``: the int64 tensor
+    ``(seed, offset)`` of the dropout draw, on x's device. ``input_precision``: see ``dot_precision``."""
+    _check_contiguous(x=x, weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b, seed=seed)
+    check_launchable(node_lora_fwd, x, weight, bias, lora_a, lora_b, seed)
     batch, nodes, k = x.shape
     o, rank = weight.shape[0], lora_a.shape[-1]
     launch = forward_launch(
         batch, nodes, k, o, rank, has_bias=bias is not None, dropout_p=dropout_p, activation=activation,
-        input_precision=dot_precision(x.dtype, is_interpreted(node_lora_fwd), input_precision))
+        input_precision=dot_precision(x.dtype, is_interpreted(node_lora_fwd), input_precision), dtype=x.dtype,
+        device=x.device)
     out = torch.empty(batch, nodes, o, device=x.device, dtype=x.dtype)
     if out.numel() == 0:
         return out
     p, inv_keep = _dropout_args(dropout_p)
     with device_of(x):
-        launch(_module(), x, weight, bias if bias is not None else weight, lora_a, lora_b, out,
-               batch, nodes, k, o, rank, float(scale), seed, offset, p, inv_keep)
+        launch(_module(), x, weight, bias if bias is not None else weight, lora_a, lora_b, out, seed,
+               batch, nodes, k, o, rank, float(scale), p, inv_keep)
     return out
 
 
-def node_lora_backward(grad, x, weight, bias, lora_a, lora_b, scale, activation, dropout_p, seed, offset, needs,
+def node_lora_backward(grad, x, weight, bias, lora_a, lora_b, scale, activation, dropout_p, seed, needs,
                        input_precision=None):
     """``(dx, dW, db, dA, dB)`` from ``grad (M, N, O)``; ``None`` where ``needs`` is false."""
     need_x, need_weight, need_bias, need_a, need_b = needs
     need_bias = need_bias and bias is not None
-    _check_contiguous(grad=grad, x=x, weight=weight, lora_a=lora_a, lora_b=lora_b)
-    check_launchable(node_lora_bwd_rows, grad, x, weight, bias, lora_a, lora_b)
+    _check_contiguous(grad=grad, x=x, weight=weight, lora_a=lora_a, lora_b=lora_b, seed=seed)
+    check_launchable(node_lora_bwd_rows, grad, x, weight, bias, lora_a, lora_b, seed)
     batch, nodes, k = x.shape
     o, rank = weight.shape[0], lora_a.shape[-1]
     launches = backward_launches(
         batch, nodes, k, o, rank, needs=needs, has_bias=bias is not None, dropout_p=dropout_p, activation=activation,
-        input_precision=dot_precision(x.dtype, is_interpreted(node_lora_bwd_rows), input_precision))
-    r_pad = _blocks(batch, k, o, rank)[3]
+        input_precision=dot_precision(x.dtype, is_interpreted(node_lora_bwd_rows), input_precision), dtype=x.dtype,
+        device=x.device)
+    padded = r_pad(rank)
     p, inv_keep = _dropout_args(dropout_p)
     rows = batch * nodes
     module = _module()
@@ -541,26 +688,27 @@ def node_lora_backward(grad, x, weight, bias, lora_a, lora_b, scale, activation,
 
     with device_of(x):
         need_gh = need_x or need_a
-        gh = torch.empty(rows, r_pad, device=x.device, dtype=torch.float32) if need_gh else None
-        sa = torch.empty(rows, r_pad, device=x.device, dtype=torch.float32) if need_b else None
+        gh = torch.empty(rows, padded, device=x.device, dtype=torch.float32) if need_gh else None
+        sa = torch.empty(rows, padded, device=x.device, dtype=torch.float32) if need_b else None
         d_x = torch.empty_like(x) if need_x else None
         if "rows" in launches:
             launches["rows"](module, grad, x, weight, lora_a, lora_b,
                              gh if gh is not None else grad, sa if sa is not None else grad,
-                             d_x if d_x is not None else x,
-                             batch, nodes, k, o, rank, float(scale), seed, offset, p, inv_keep)
+                             d_x if d_x is not None else x, seed,
+                             batch, nodes, k, o, rank, float(scale), p, inv_keep)
         if "da" in launches:
             d_a = torch.empty_like(lora_a)
-            launches["da"](module, x, gh, d_a, batch, nodes, k, rank, seed, offset, p, inv_keep)
+            launches["da"](module, x, gh, d_a, seed, batch, nodes, k, rank, p, inv_keep)
         if "db" in launches:
             d_b = torch.empty_like(lora_b)
             launches["db"](module, grad, sa, d_b, batch, nodes, o, rank)
         if "dw" in launches:
-            splits, rows_per_split = dw_rows_per_split(batch, nodes, k, o, rank)
+            splits = launches["dw"].grid[2]
             partial_w = torch.empty(splits, o, k, device=x.device, dtype=torch.float32) if need_weight else None
             partial_b = torch.empty(splits, o, device=x.device, dtype=torch.float32) if need_bias else None
             launches["dw"](module, grad, x, partial_w if partial_w is not None else grad,
-                           partial_b if partial_b is not None else grad, rows, k, o, rows_per_split)
+                           partial_b if partial_b is not None else grad, rows, k, o,
+                           rows_per_split(rows, launches["dw"]))
             if need_weight:
                 d_weight = partial_w.sum(0).to(weight.dtype)
             if need_bias:

@@ -196,9 +196,10 @@ def _extension_calls():
         x, w, b, a, bb = (t.float() for t in node_lora_inputs((sizes["M"],), sizes["N"], sizes["K"], sizes["O"], 2,
                                                              True))
         grad = torch.ones(sizes["M"], sizes["N"], sizes["O"])
-        yield f"stfast_ext.node_lora_fwd {name}", _ext.node_lora_forward, (x, w, b, a, bb, 0.5, "relu", 0.0, 0, 0)
+        seed = torch.zeros(2, dtype=torch.int64)
+        yield f"stfast_ext.node_lora_fwd {name}", _ext.node_lora_forward, (x, w, b, a, bb, 0.5, "relu", 0.0, seed)
         yield (f"stfast_ext.node_lora_bwd {name}", _ext.node_lora_backward,
-               (grad, x, w, b, a, bb, 0.5, "relu", 0.0, 0, 0, [True] * 5))
+               (grad, x, w, b, a, bb, 0.5, "relu", 0.0, seed, [True] * 5))
 
 
 def extension_direct_cases(results):

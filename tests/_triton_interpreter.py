@@ -73,3 +73,20 @@ def rerun_under_interpreter(test_file: str) -> None:
         cwd=Path(test_file).resolve().parents[1], env=env, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
+
+
+def interpreter_rerun_test(runs_here: bool, test_file: str):
+    """``test_interpreter_tests_in_a_subprocess`` for the module ``test_file``: it reruns the module
+    under the interpreter in a child pytest when its kernel tests cannot run in this process."""
+
+    @pytest.mark.skipif(runs_here or ON_GPU or bool(os.environ.get(CHILD_ENV)),
+                        reason="the interpreter tests run in this process")
+    def test_interpreter_tests_in_a_subprocess():
+        rerun_under_interpreter(test_file)
+
+    return test_interpreter_tests_in_a_subprocess
+
+
+def needs_compiled_kernels(kernel):
+    """A skip marker for the tests that need a CUDA GPU running ``kernel`` compiled."""
+    return pytest.mark.skipif(not ON_GPU or is_interpreted(kernel), reason="needs a CUDA GPU (compiled Triton kernels)")

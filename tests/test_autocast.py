@@ -20,7 +20,7 @@ import torch
 from stfast import ops
 from stfast.nn import HimNet
 from stfast.nn.stlora import NALL
-from stfast.ops._autocast import check_backend_dtype
+from stfast.ops._support import check_dtype
 
 BACKENDS = ["torch", "cpu"]
 OUTPUT_TOL = 0.02
@@ -125,15 +125,18 @@ def test_the_registered_op_itself_follows_autocast():
     assert out.dtype == torch.bfloat16
 
 
-def test_triton_refuses_half_precision_on_cpu_tensors(monkeypatch):
+def test_triton_refuses_bf16_on_cpu_tensors_with_or_without_autocast(monkeypatch):
     with pytest.raises(TypeError, match="triton backend cannot compute torch.bfloat16 on CPU"):
-        check_backend_dtype("triton", torch.device("cpu"), torch.bfloat16)
-    check_backend_dtype("triton", torch.device("cpu"), torch.float32)  # fp32 stays allowed
+        check_dtype("triton", "node_lora", torch.bfloat16, torch.device("cpu"))
+    check_dtype("triton", "node_lora", torch.float32, torch.device("cpu"))  # fp32 stays allowed
+    check_dtype("triton", "node_lora", torch.float16, torch.device("cpu"))  # the interpreter computes fp16
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # the triton backend can then be forced for CPU tensors
     x, weight, lora_a, lora_b = torch.randn(4, 7, 16), torch.randn(16, 16), torch.randn(7, 16, 16), torch.randn(7, 16, 16)
     with ops.use_backend("triton"), torch.autocast("cpu", dtype=torch.bfloat16):
         with pytest.raises(TypeError, match="triton backend cannot compute"):
             ops.node_lora(x, weight, None, lora_a, lora_b, 1.0)
+    with ops.use_backend("triton"), pytest.raises(TypeError, match="node_lora: the triton backend cannot compute"):
+        ops.node_lora(*(t.bfloat16() for t in (x, weight)), None, *(t.bfloat16() for t in (lora_a, lora_b)), 1.0)
 
 
 SMALL_HIMNET = dict(num_nodes=9, input_dim=3, output_dim=1, out_steps=3, hidden_dim=16, cheb_k=2, ycov_dim=2,

@@ -12,6 +12,10 @@ which is rewritten to ``emu::Launch(grid, block, 0, s)(k, args)`` in a temporary
 keeps compiler messages pointing at csrc/cuda). Inputs and outputs pass through raw binary files in
 pytest's temporary folder (tests/cuda_emulation/harness.cpp is the C++ side).
 
+The tensor-core kernels run through the WMMA stand-in (shim/mma.h) and the forward's cp.async staging
+through shim/cuda_pipeline.h (undefined data until the issuing thread waits: see emu_cuda.h); the
+harness counts the asynchronous copies so that the tests can tell which staging path ran.
+
 What this cannot catch (GPU machines: tests/test_node_lora_ext_cuda.py and the meta_gconv CUDA
 tests): warp-level and memory-model effects, resource limits (shared memory, registers), speed, and
 differences between nvcc's and the host compiler's arithmetic.
@@ -355,12 +359,18 @@ GCONV_CASES = {
     "t_identity_multislice": GconvCase("T", 2, 300, 5, 3, 2, 0, multi_slice=True),
     "no_rows": GconvCase("ST", 0, 3, 4, 5, 2, 1),
     "no_inputs": GconvCase("S", 2, 3, 0, 4, 2, 2),
+    # two d groups of the tensor-core dP (4 + 1), a partial i-chunk and a partial O chunk
+    "st_tanh_five_dims": GconvCase("ST", 2, 9, 37, 33, 5, 2),
+    # O a multiple of 16 bytes: the tensor-core forward stages P with cp.async (the others: plain loads)
+    "st_identity_aligned_outputs": GconvCase("ST", 2, 5, 40, 72, 3, 0),
 }
 GCONV_FP64 = ("st_sigmoid_two_input_tiles", "t_identity_multislice")
 # the tensor-core (WMMA) kernels, emulated by tests/cuda_emulation/shim/mma.h: fp32 as TF32, fp16, bf16
 GCONV_TENSOR_CORES = {"st_sigmoid_two_input_tiles": (torch.float32, torch.float16, torch.bfloat16),
                       "s_tanh_nobias": (torch.float32,), "t_identity_multislice": (torch.float32, torch.bfloat16),
-                      "no_rows": (torch.float16,), "no_inputs": (torch.float32,)}
+                      "no_rows": (torch.float16,), "no_inputs": (torch.float32,),
+                      "st_tanh_five_dims": (torch.float32, torch.bfloat16),
+                      "st_identity_aligned_outputs": (torch.float32, torch.float16, torch.bfloat16)}
 GCONV_PARAMS = (
     [pytest.param(name, torch.float32, False, id=f"{name}-fp32") for name in GCONV_CASES]
     + [pytest.param(name, torch.float64, False, id=f"{name}-fp64") for name in GCONV_FP64]
@@ -426,10 +436,36 @@ def test_meta_gconv_kernels(harness, tmp_path, name, dtype, tensor_cores):
         exact = META_ACTIVATIONS[case.activation](torch.einsum("mdi,dio->mo", z, pool) + (
             emb @ inputs["bias_pool"].double() if case.bias else 0))
         assert (run.get("y", dtype).double() - exact.reshape(-1)).abs().max() > 10 * TOLERANCE[dtype]
+    # the tensor-core forward stages P asynchronously exactly when O is a multiple of 16 bytes
+    aligned = O % (16 // inputs["pool"].element_size()) == 0
+    assert (run.info["async_copies"] > 0) == (tensor_cores and aligned and M * I * D > 0)
     assert run.orders("dxg_only") == run.orders("dxg")
     assert run.orders("de_only") == run.orders("de")
     if case.multi_slice:
         assert run.info["dp_parts"] > 1
+
+
+EXTENT_CASES = {  # (rows, nodes, I, O, D, embedding strides (b, n, d)), supported
+    "himnet_pems07_b64": ((64 * 883, 883, 130, 128, 16, (883 * 16, 16, 1)), True),
+    "largest_pool_matrix": ((4, 2, 2**15, 2**16 - 1, 1, (2, 1, 1)), True),
+    "pool_matrix_2e31": ((4, 2, 2**15, 2**16, 1, (2, 1, 1)), False),
+    "embedding_2e31_elements": ((2**21, 2**10, 4, 4, 2**10, (2**20, 2**10, 1)), True),  # last offset 2^31 - 1
+    "embedding_beyond_2e31": ((2**21, 2**10, 4, 4, 2**10 + 1, (2**10 * (2**10 + 1), 2**10 + 1, 1)), False),
+    "rows_near_2e31": ((2**31 - 32, 1, 1, 1, 1, (0, 1, 1)), False),
+}
+
+
+@pytest.mark.parametrize("name", EXTENT_CASES)
+def test_meta_gconv_extents(harness, tmp_path, name):
+    """The kernels index in 32 bits: the launchers refuse extents beyond that (cudaErrorInvalidValue = 1)
+    before touching memory, and accept the largest benchmark shapes."""
+    (rows, nodes, I, O, D, (seb, sen, sed)), supported = EXTENT_CASES[name]
+    spec = {"op": "meta_gconv_extents", "rows": rows, "nodes": nodes, "inputs": I, "outputs": O, "dim": D,
+            "stride_eb": seb, "stride_en": sen, "stride_ed": sed, "tensor_cores": 1, "shuffle_seed": 0}
+    run = run_case(harness, tmp_path / "case", spec, {})
+    assert run.info["supported"] == int(supported)
+    if not supported:
+        assert run.info["forward"] == run.info["dxg_de"] == run.info["dp"] == 1
 
 
 def test_half_conversions(harness, tmp_path):

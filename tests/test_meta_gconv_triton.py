@@ -16,7 +16,7 @@ from _triton_interpreter import (DEVICE, ON_GPU, import_kernels, is_interpreted,
 kernels = import_kernels("meta_gconv")  # before anything else imports it: see _triton_interpreter
 
 import stfast.ops as ops  # noqa: E402
-from stfast.ops import backends  # noqa: E402
+from stfast.ops import _triton_gconv, backends  # noqa: E402
 
 INTERPRETED = is_interpreted(kernels.meta_gconv_fwd)
 RUNS_HERE = kernels_run_here(kernels.meta_gconv_fwd)
@@ -107,8 +107,10 @@ def test_matches_torch_backend(axis, support_kind, cheb_k, batch, nodes, channel
 
 
 # Several tiles in every direction, ragged: M = 74 rows (two 64-row tiles), I = 2*20 = 40 (two
-# 32-wide tiles), O = 70 (two 64-wide tiles), D = 3. The subsets of gradients exercise each
-# kernel path: dxg alone (I split across programs), dE alone (no dxg), dP alone, and all.
+# 32-wide tiles), O = 70 (one 128-wide tile; narrower candidates: test_meta_gconv_tuning), D = 3.
+# The subsets of gradients exercise each kernel path: dxg alone (I split across programs), dE
+# alone (no dxg), dP alone, and all. The kernels are forced (S / T would be hoisted here:
+# test_meta_gconv_triton_formulation.py).
 @needs_kernels
 @pytest.mark.parametrize("axis,requires", [
     ("ST", (True, True, True, True, True)),
@@ -116,16 +118,18 @@ def test_matches_torch_backend(axis, support_kind, cheb_k, batch, nodes, channel
     ("S", (False, False, True, False, True)),
     ("T", (False, False, False, True, False)),
 ])
-def test_several_tiles_and_gradient_subsets(axis, requires):
+def test_several_tiles_and_gradient_subsets(monkeypatch, axis, requires):
+    monkeypatch.setattr(_triton_gconv, "FORMULATION", "outer")
     inputs = make_inputs(axis, "shared", 2, 2, 37, 20, 3, 70)
     compare(inputs, 2, "tanh", axis, requires)
 
 
 @needs_kernels
 @pytest.mark.parametrize("axis", ["ST", "S", "T"])
-def test_fp16_against_float64(axis):
-    """Half inputs (fp32 accumulation, half outputs) on the multi-tile shape. fp16 only: bf16
-    ``tl.dot`` is wrong in the interpreter, so bf16 is checked by the GPU tests."""
+def test_fp16_against_float64(monkeypatch, axis):
+    """Half inputs (fp32 accumulation, half outputs) on the multi-tile shape, in the kernels. fp16
+    only: bf16 ``tl.dot`` is wrong in the interpreter, so bf16 is checked by the GPU tests."""
+    monkeypatch.setattr(_triton_gconv, "FORMULATION", "outer")
     inputs = make_inputs(axis, "shared", 2, 2, 37, 20, 3, 70, dtype=torch.float16)
     grad_out = torch.randn(2, 37, 70, generator=torch.Generator().manual_seed(1)).to(inputs[0])
     out, grads = run("triton", inputs, 2, "tanh", axis, grad_out)

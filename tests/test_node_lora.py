@@ -9,6 +9,7 @@ import torch
 
 import stfast.ops as ops
 from stfast.ops import _ext, _torch_lora, backends
+from stfast.ops.node_lora import dropout_seed
 
 EXT = _ext.load()
 
@@ -215,13 +216,13 @@ def test_dropout_mask_rate():
 def test_opcheck(backend, bias, activation, dropout_p, lead):
     x, weight, b, lora_a, lora_b = make_inputs(lead, 5, 7, 6, 3, bias=bias)
     torch.library.opcheck(torch.ops.stfast.node_lora.default,
-                          (x, weight, b, lora_a, lora_b, 0.5, activation, dropout_p, 7, 2, backend))
+                          (x, weight, b, lora_a, lora_b, 0.5, activation, dropout_p, dropout_seed(7, 2, "cpu"), backend))
 
 
 def test_opcheck_without_grads(backend):
     x, weight, b, lora_a, lora_b = (t.detach() for t in make_inputs((2,), 5, 7, 6, 3))
     torch.library.opcheck(torch.ops.stfast.node_lora.default,
-                          (x, weight, b, lora_a, lora_b, 1.0, "relu", 0.0, 0, 0, backend))
+                          (x, weight, b, lora_a, lora_b, 1.0, "relu", 0.0, dropout_seed(0, 0, "cpu"), backend))
 
 
 class TinyAdapter(torch.nn.Module):

@@ -12,6 +12,7 @@ import torch
 
 from stfast import ops
 from stfast.ops import _ext, backends
+from stfast.ops.node_lora import dropout_seed
 
 STATUS = _ext.load()
 pytestmark = pytest.mark.skipif(STATUS is not True, reason=f"stfast extension unavailable: {STATUS}")
@@ -94,8 +95,9 @@ def test_dropout_mask_is_the_same_for_every_leading_shape_of_the_same_rows():
     assert torch.equal(mask.reshape(6, 5, 7), flat)
 
 
-def _fwd(x, weight, bias, lora_a, lora_b, activation="leaky_relu", dropout_p=0.0, seed=0, offset=0):
-    return torch.ops.stfast_ext.node_lora_fwd(x, weight, bias, lora_a, lora_b, 0.5, activation, dropout_p, seed, offset)
+def _fwd(x, weight, bias, lora_a, lora_b, activation="leaky_relu", dropout_p=0.0, seed=None):
+    seed = dropout_seed(0, 0, "cpu") if seed is None else seed
+    return torch.ops.stfast_ext.node_lora_fwd(x, weight, bias, lora_a, lora_b, 0.5, activation, dropout_p, seed)
 
 
 BAD = [
@@ -108,7 +110,9 @@ BAD = [
     (lambda a: a.update(lora_b=a["lora_b"][:, :2]), r"lora_b: expected shape \(N, r, d_out\) = \(5, 3, 6\) .*got \[5, 2, 6\]"),
     (lambda a: a.update(activation="gelu"), "activation: expected None, 'leaky_relu', 'relu', 'tanh' or 'sigmoid', got 'gelu'"),
     (lambda a: a.update(dropout_p=1.0), r"dropout_p: expected a float in \[0, 1\), got 1"),
-    (lambda a: a.update(seed=-1), "seed: expected an int >= 0, got -1"),
+    (lambda a: a.update(seed=torch.zeros(3, dtype=torch.int64)), r"seed: expected a tensor of shape \(2,\) .*got \[3\]"),
+    (lambda a: a.update(seed=torch.zeros(2, dtype=torch.int32)), "seed: expected dtype int64, got Int"),
+    (lambda a: a.update(seed=torch.zeros(4, dtype=torch.int64)[::2]), r"seed: expected a contiguous tensor, got strides \[2\]"),
 ]
 
 
@@ -123,8 +127,8 @@ def test_ext_op_names_the_argument_the_expected_and_the_actual(corrupt, match):
 def test_ext_backward_checks_grad():
     x, weight, bias, lora_a, lora_b = make_inputs((2,), 5, 7, 6, 3)
     with pytest.raises(ValueError, match=r"grad: expected the output's shape \[2, 5, 6\], got \[2, 5, 7\]"):
-        torch.ops.stfast_ext.node_lora_bwd(torch.zeros(2, 5, 7), x, weight, bias, lora_a, lora_b, 0.5, None, 0.0, 0, 0,
-                                           [True] * 5)
+        torch.ops.stfast_ext.node_lora_bwd(torch.zeros(2, 5, 7), x, weight, bias, lora_a, lora_b, 0.5, None, 0.0,
+                                           dropout_seed(0, 0, "cpu"), [True] * 5)
 
 
 def test_aten_gemm_fallback_gives_the_same_results():

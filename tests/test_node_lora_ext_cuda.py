@@ -15,7 +15,7 @@ import torch
 
 from stfast import ops
 from stfast.ops import _ext, _torch_lora, backends
-from stfast.ops.node_lora import ACTIVATIONS
+from stfast.ops.node_lora import ACTIVATIONS, dropout_seed
 
 CUDA_STATUS = _ext.status("cuda") if torch.cuda.is_available() else "no CUDA device"
 needs_cuda_ext = pytest.mark.skipif(CUDA_STATUS is not True, reason=f"cuda backend unavailable: {CUDA_STATUS}")
@@ -157,7 +157,7 @@ def test_ext_op_accepts_non_contiguous_inputs():
     x_t = x.transpose(0, 1).contiguous().transpose(0, 1)  # same values, non-contiguous
     weight_t = weight.t().contiguous().t()
     assert not x_t.is_contiguous() and not weight_t.is_contiguous()
-    args = (bias, lora_a, lora_b, 0.5, "relu", 0.1, 3, 0)
+    args = (bias, lora_a, lora_b, 0.5, "relu", 0.1, dropout_seed(3, 0, x.device))
     want = torch.ops.stfast_ext.node_lora_fwd(x, weight, *args)
     assert torch.equal(torch.ops.stfast_ext.node_lora_fwd(x_t, weight_t, *args), want)
 
@@ -227,7 +227,8 @@ def test_cuda_is_bitwise_deterministic():
 def test_opcheck_with_cuda_backend(bias, activation, dropout_p, lead):
     x, weight, b, lora_a, lora_b = make_inputs(lead, 5, 7, 6, 3, bias=bias, requires_grad=True)
     torch.library.opcheck(torch.ops.stfast.node_lora.default,
-                          (x, weight, b, lora_a, lora_b, 0.5, activation, dropout_p, 7, 2, "cuda"))
+                          (x, weight, b, lora_a, lora_b, 0.5, activation, dropout_p, dropout_seed(7, 2, x.device),
+                           "cuda"))
 
 
 # ---------------------------------------------------------------- dropout

@@ -19,6 +19,7 @@ kernels = import_kernels("node_lora")  # before anything else imports it: see _t
 
 import stfast.ops as ops  # noqa: E402
 from stfast.ops import _ext, backends  # noqa: E402
+from stfast.ops.node_lora import dropout_seed  # noqa: E402
 
 _EXT = _ext.load()
 
@@ -121,6 +122,27 @@ def test_matches_torch_backend(lead, nodes, d_in, d_out, rank, activation, bias)
 ])
 def test_several_tiles_and_gradient_subsets(requires):
     compare(make_inputs((70,), 2, 70, 66, 5), "leaky_relu", requires)
+
+
+@needs_kernels
+def test_every_tuning_candidate_gives_the_default_results():
+    """Each kernel's candidate launches (a tuned table may pick any of them) compute what the default
+    does, dropout included: at this shape every kernel has two candidates with different tiles."""
+    from stfast.kernels._utils import forcing_configs, recording_choices
+
+    inputs = make_inputs((70,), 2, 70, 66, 5)
+    grad_out = _grad_out(inputs)
+    with recording_choices() as choices:
+        want = run("triton", inputs, "tanh", grad_out, dropout_p=0.3)
+    candidates = {c.kernel: [launch.config for launch in c.candidates] for c in choices}
+    assert set(candidates) == {"node_lora_fwd", "node_lora_bwd_rows", "node_lora_bwd_da", "node_lora_bwd_db",
+                               "node_lora_bwd_dw"}
+    assert all(len(configs) == 2 for configs in candidates.values()), candidates
+    with forcing_configs({kernel: configs[1] for kernel, configs in candidates.items()}):
+        got = run("triton", inputs, "tanh", grad_out, dropout_p=0.3)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+    for name, g, w in zip(NAMES, got[1], want[1]):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"d {n}: {m}")
 
 
 @needs_kernels
@@ -227,12 +249,45 @@ def test_dropout_results_equal_the_cpu_backend():
 
 
 @needs_kernels
+@pytest.mark.skipif(_EXT is not True or ON_GPU, reason="CPU tensors: the cpu backend under the interpreter")
+def test_compiled_training_step_with_the_default_seed_draws_the_cpu_backends_mask():
+    """``torch.compile(fullgraph=True)`` of a training step with dropout and the default seed (drawn on
+    the device: no graph break); from the same generator state the compiled triton step and the eager
+    cpu step draw the same seed tensor, hence the same mask: equal outputs and gradients."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    inputs = [t.requires_grad_() for t in make_inputs((2,), 3, 5, 6, 2)]
+
+    def step(backend):
+        def loss(*inputs):
+            with ops.use_backend(backend):
+                return ops.node_lora(*inputs, 0.5, "tanh", dropout_p=0.4, training=True).square().sum()
+
+        return loss
+
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(step("triton"), fullgraph=True, backend=counter)
+    for draw in (1, 2):
+        torch.manual_seed(draw)
+        got = compiled(*inputs)
+        got_grads = torch.autograd.grad(got, inputs)
+        torch.manual_seed(draw)
+        want = step("cpu")(*inputs)
+        want_grads = torch.autograd.grad(want, inputs)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        for name, g, w in zip(NAMES, got_grads, want_grads):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"d {n}: {m}")
+    assert counter.frame_count == 1
+
+
+@needs_kernels
 def test_opcheck_with_triton_backend():
     """The full opcheck (schema, autograd registration, fake tensor, AOT dispatch), with dropout."""
     x, weight, bias, lora_a, lora_b = (t.requires_grad_() for t in make_inputs((2,), 3, 5, 6, 2))
     with ops.use_backend("triton"):
         torch.library.opcheck(torch.ops.stfast.node_lora.default,
-                              (x, weight, bias, lora_a, lora_b, 0.5, "leaky_relu", 0.25, 7, 3, "triton"))
+                              (x, weight, bias, lora_a, lora_b, 0.5, "leaky_relu", 0.25, dropout_seed(7, 3, DEVICE),
+                               "triton"))
 
 
 # ---------------------------------------------------------------- selection and import

@@ -22,6 +22,7 @@ import stfast.ops as ops  # noqa: E402
 from stfast.nn.himnet import HimNet  # noqa: E402
 from stfast.nn.stlora import NALL  # noqa: E402
 from stfast.ops import backends  # noqa: E402
+from stfast.ops.node_lora import dropout_seed  # noqa: E402
 
 RUNS_HERE = kernels_run_here(lora_kernels.node_lora_fwd) and kernels_run_here(gconv_kernels.meta_gconv_fwd)
 needs_kernels = skip_unless_kernels_run(lora_kernels.node_lora_fwd, "node_lora")
@@ -86,7 +87,8 @@ def test_triton_refuses_float64_naming_the_backends_that_compute_it():
         run_lora("triton", inputs, "relu")
     grad = torch.ones(2, 3, 16, dtype=torch.float64, device=DEVICE)
     with pytest.raises(TypeError, match=message):  # the backward op called directly
-        torch.ops.stfast.node_lora_backward(grad, *inputs, 0.5, "relu", 0.0, 0, 0, "triton", [True] * 5)
+        torch.ops.stfast.node_lora_backward(grad, *inputs, 0.5, "relu", 0.0, dropout_seed(0, 0, DEVICE), "triton",
+                                            [True] * 5)
     x, e, pool = (torch.randn(*s, dtype=torch.float64, device=DEVICE) for s in ((2, 3, 4), (3, 2), (2, 4, 5)))
     with ops.use_backend("triton"), pytest.raises(TypeError, match="meta_gconv: backend 'triton' does not compute"):
         ops.meta_gconv(x, None, e, pool, None, 1)

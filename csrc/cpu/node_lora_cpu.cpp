@@ -55,7 +55,7 @@ void draw_dropout(const LoraShape& s, int64_t node, NodeRows<const T> x_n, T* mu
   const float p = static_cast<float>(s.dropout_p);
   const float inv_keep = static_cast<float>(1.0 / (1.0 - s.dropout_p));
   const int64_t rows = s.M, nodes = s.N, width = s.K;
-  const uint64_t seed = s.seed, offset = s.offset;
+  const uint64_t seed = static_cast<uint64_t>(s.seed[0]), offset = static_cast<uint64_t>(s.seed[1]);
   for (int64_t m = 0; m < rows; ++m) {
     const uint64_t first = offset + static_cast<uint64_t>((m * nodes + node) * width);
     const T* x_row = x_n.data + m * x_n.ld;
@@ -240,11 +240,9 @@ at::Tensor node_lora_fwd_cpu(
     double scale,
     std::optional<c10::string_view> activation,
     double dropout_p,
-    int64_t seed,
-    int64_t offset) {
+    const at::Tensor& seed) {
   const char* op = "stfast_ext::node_lora_fwd";
-  const LoraShape s =
-      check_node_lora_inputs(op, x, weight, bias, lora_a, lora_b, scale, activation, dropout_p, seed, offset);
+  const LoraShape s = check_node_lora_inputs(op, x, weight, bias, lora_a, lora_b, scale, activation, dropout_p, seed);
   const at::ScalarType work = work_dtype(x.scalar_type());
   const at::Tensor xw = as_work(x, work), ww = as_work(weight, work), aw = as_work(lora_a, work),
                    bw = as_work(lora_b, work);
@@ -280,12 +278,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> node_lora
     double scale,
     std::optional<c10::string_view> activation,
     double dropout_p,
-    int64_t seed,
-    int64_t offset,
+    const at::Tensor& seed,
     std::array<bool, 5> needs_in) {
   const char* op = "stfast_ext::node_lora_bwd";
-  const LoraShape s =
-      check_node_lora_inputs(op, x, weight, bias, lora_a, lora_b, scale, activation, dropout_p, seed, offset);
+  const LoraShape s = check_node_lora_inputs(op, x, weight, bias, lora_a, lora_b, scale, activation, dropout_p, seed);
   check_node_lora_grad(op, s, x, grad);
   const Needs needs{needs_in[0], needs_in[1], needs_in[2] && s.has_bias, needs_in[3], needs_in[4]};
   const at::ScalarType work = work_dtype(x.scalar_type());

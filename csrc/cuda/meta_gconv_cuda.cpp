@@ -51,6 +51,16 @@ stfast_cuda::MetaGconvDims kernel_dims(const MetaShape& s, at::ScalarType dtype)
   return dims;
 }
 
+// The kernels index within tiles, a P[d] matrix and the embedding in 32 bits.
+stfast_cuda::MetaGconvDims checked_kernel_dims(const char* op, const MetaShape& s, at::ScalarType dtype) {
+  const stfast_cuda::MetaGconvDims dims = kernel_dims(s, dtype);
+  TORCH_CHECK_VALUE(stfast_cuda::meta_gconv_extents_supported(dims), op,
+                    ": extents beyond the CUDA kernels' 32-bit indexing (they need B*N < 2^31 - 64, 64*I, 64*O, "
+                    "I*O and D*O below 2^31, and fewer than 2^31 embedding elements); got B=", s.B, ", N=", s.N,
+                    ", I=", s.I, ", O=", s.O, ", D=", s.D);
+  return dims;
+}
+
 void check_cuda_inputs(const char* op, const at::Tensor& x, Formulation formulation) {
   cuda_glue::check_cuda_tensor(op, x);
   TORCH_CHECK_VALUE(formulation != Formulation::kGrouped, op,
@@ -71,6 +81,7 @@ at::Tensor meta_gconv_fwd_cuda(const at::Tensor& x, const std::optional<at::Tens
   check_cuda_inputs(op, x, form);
   const c10::cuda::CUDAGuard device_guard(x.device());
   const auto dtype = kernel_dtype(op, x.scalar_type());
+  const auto dims = checked_kernel_dims(op, s, x.scalar_type());
 
   const at::Tensor xg = chebyshev_features(x, supports, cheb_k).reshape({s.rows(), s.I}).contiguous();
   const at::Tensor emb = embeddings.contiguous();
@@ -80,8 +91,7 @@ at::Tensor meta_gconv_fwd_cuda(const at::Tensor& x, const std::optional<at::Tens
   const cudaStream_t stream = current_stream();
   check_launch(op, "meta_gconv_fwd",
                stfast_cuda::meta_gconv_forward(dtype, xg.data_ptr(), emb.data_ptr(), pool.data_ptr(),
-                                               s.has_bias ? pb.data_ptr() : nullptr, out.data_ptr(), kernel_dims(s, x.scalar_type()),
-                                               stream));
+                                               s.has_bias ? pb.data_ptr() : nullptr, out.data_ptr(), dims, stream));
   return out.view({s.B, s.N, s.O});
 }
 
@@ -101,6 +111,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> meta_gcon
   const c10::cuda::CUDAGuard device_guard(x.device());
   const auto dtype = kernel_dtype(op, x.scalar_type());
   const auto acc = acc_dtype(x.scalar_type());
+  const auto dims = checked_kernel_dims(op, s, x.scalar_type());
   const bool has_supports = supports.has_value() && supports->defined();
   const bool need_x = needs[0], need_supports = needs[1] && has_supports, need_e = needs[2], need_pool = needs[3],
              need_bias = needs[4] && s.has_bias;
@@ -114,7 +125,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> meta_gcon
   const std::optional<at::Tensor> out_acc =
       act != Activation::kNone ? std::optional<at::Tensor>(out->to(acc)) : std::nullopt;
   const at::Tensor g = activation_backward(grad.to(acc), out_acc, act).reshape({s.rows(), s.O}).contiguous();
-  const auto dims = kernel_dims(s, x.scalar_type());
   const cudaStream_t stream = current_stream();
   const at::Tensor empty = x.new_empty({0});
 

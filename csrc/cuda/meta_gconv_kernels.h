@@ -30,6 +30,12 @@ struct MetaGconvDims {
   int tensor_cores;
 };
 
+// Whether the kernels can index these extents: they use 32-bit integers within a block's tiles, a
+// P[d] matrix and the embedding, so they need M < 2^31 - 64, 64 I, 64 O, I O and D O < 2^31, and every
+// embedding offset below 2^31. The launchers return cudaErrorInvalidValue otherwise (the glue checks
+// first, with a message).
+bool meta_gconv_extents_supported(const MetaGconvDims& dims);
+
 // out = act(sum_d E[m, d] (xg[m] @ P[d] + Pb[d])); bias_pool may be null.
 cudaError_t meta_gconv_forward(DType dtype, const void* xg, const void* emb, const void* pool, const void* bias_pool,
                                void* out, const MetaGconvDims& dims, cudaStream_t stream);

@@ -47,7 +47,6 @@ stfast_cuda::NodeLoraDims kernel_dims(const LoraShape& s, at::ScalarType dtype) 
   dims.dropout_p = dropout_threshold(s.dropout_p);
   dims.inv_keep = dropout_inv_keep(s.dropout_p);
   dims.seed = s.seed;
-  dims.offset = s.offset;
   dims.tensor_cores = cuda_glue::use_tensor_cores(dtype) ? 1 : 0;
   return dims;
 }
@@ -58,12 +57,11 @@ void* data_or_null(const at::Tensor& t) {
 
 at::Tensor node_lora_fwd_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                               const at::Tensor& lora_a, const at::Tensor& lora_b, double scale,
-                              std::optional<c10::string_view> activation, double dropout_p, int64_t seed,
-                              int64_t offset) {
+                              std::optional<c10::string_view> activation, double dropout_p,
+                              const at::Tensor& seed) {
   constexpr const char* op = "stfast_ext::node_lora_fwd";
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const LoraShape s =
-      check_node_lora_inputs(op, x, weight, bias, lora_a, lora_b, scale, activation, dropout_p, seed, offset);
+  const LoraShape s = check_node_lora_inputs(op, x, weight, bias, lora_a, lora_b, scale, activation, dropout_p, seed);
   check_cuda_tensor(op, x);
   const c10::cuda::CUDAGuard device_guard(x.device());
   const auto dtype = kernel_dtype(op, x.scalar_type());
@@ -84,11 +82,10 @@ at::Tensor node_lora_fwd_cuda(const at::Tensor& x, const at::Tensor& weight, con
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> node_lora_bwd_cuda(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& lora_a, const at::Tensor& lora_b, double scale, std::optional<c10::string_view> activation,
-    double dropout_p, int64_t seed, int64_t offset, std::array<bool, 5> needs) {
+    double dropout_p, const at::Tensor& seed, std::array<bool, 5> needs) {
   constexpr const char* op = "stfast_ext::node_lora_bwd";
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const LoraShape s =
-      check_node_lora_inputs(op, x, weight, bias, lora_a, lora_b, scale, activation, dropout_p, seed, offset);
+  const LoraShape s = check_node_lora_inputs(op, x, weight, bias, lora_a, lora_b, scale, activation, dropout_p, seed);
   check_node_lora_grad(op, s, x, grad);
   check_cuda_tensor(op, x);
   const c10::cuda::CUDAGuard device_guard(x.device());

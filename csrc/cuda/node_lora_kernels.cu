@@ -159,8 +159,9 @@ __device__ __forceinline__ void tile_gemm(A (&acc)[SI][SJ], int64_t len, A* ls, 
 // The dropout multiplier of flat element `element` = r*K + k of x (1 without dropout).
 template <typename A>
 __device__ __forceinline__ A dropout_mult(const NodeLoraDims& d, int64_t element) {
-  return static_cast<A>(stfast_math::dropout_multiplier(d.seed, d.offset + static_cast<uint64_t>(element),
-                                                        d.dropout_p, d.inv_keep));
+  const uint64_t seed = static_cast<uint64_t>(d.seed[0]), offset = static_cast<uint64_t>(d.seed[1]);
+  return static_cast<A>(stfast_math::dropout_multiplier(seed, offset + static_cast<uint64_t>(element), d.dropout_p,
+                                                        d.inv_keep));
 }
 
 // drop(x) at flat element `element`, in the accumulation type.

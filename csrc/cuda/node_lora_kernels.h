@@ -9,7 +9,9 @@
 //   y[m, n] = x[m, n] W^T + bias + scale * act(drop(x[m, n]) A[n]) B[n]
 //
 // Dropout multiplier of element (r, k): stfast_math::dropout_multiplier(seed, offset + r*K + k,
-// dropout_p, inv_keep) (csrc/node_lora_math.h), drawn again wherever it is needed.
+// dropout_p, inv_keep) (csrc/node_lora_math.h), drawn again wherever it is needed; (seed, offset) is
+// read from device memory (NodeLoraDims::seed), so a captured CUDA graph draws a new mask per replay
+// when the seed tensor is refilled on the device.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -30,8 +32,7 @@ struct NodeLoraDims {
   double scale;
   float dropout_p;  // 0: no dropout (the multiplier is then 1 everywhere)
   float inv_keep;   // 1 / (1 - p) computed in double and rounded to float (Triton's convention)
-  uint64_t seed;
-  uint64_t offset;
+  const int64_t* seed;  // device memory: (seed, offset); read only when dropout_p > 0
   // Non-zero: the tensor-core (WMMA) kernels for the forward, dx and dW / db with fp32 (as TF32) /
   // fp16 / bf16 (sm_80+; the glue decides); fp64 always runs the SIMT kernels.
   int tensor_cores;

@@ -3,9 +3,10 @@
 For each kernel call (``meta_gconv`` forward / backward per meta axis, ``node_lora`` forward /
 backward) at each benchmark shape, this computes
 
-- the useful FLOPs of the *cheapest exact formulation* (a multiply-add counts 2): for the S and T
-  axes the hoisted one (generate ``W = E @ P`` once per node / sample, then a batched GEMM) or the
-  outer-product GEMM (``K = D*I``), whichever is smaller; for ST always the outer product (per
+- the useful FLOPs of the *cheapest exact formulation* (a multiply-add counts 2), counted by
+  ``stfast.ops._formulation`` (the count the ``triton`` and ``cuda`` backends choose by): for the S
+  and T axes the hoisted one (generate ``W = E @ P`` once per node / sample, then a batched GEMM) or
+  the outer-product GEMM (``K = D*I``), whichever is smaller; for ST always the outer product (per
   (sample, node) weights cost more to generate than to apply). Chebyshev propagation counts as its
   GEMMs with the supports. Elementwise epilogues are not counted (no FLOP/s peak applies to them);
 - the minimum bytes: every input read once and every output written once, nothing else (a kernel
@@ -29,6 +30,8 @@ import argparse
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from stfast.ops._formulation import cheapest_formulation, formulation_flops, weight_count
 
 __all__ = ["PEAKS", "PEAK_SOURCE", "PRECISIONS", "SHAPES", "Work", "benchmark_workloads", "gpu_model",
            "format_ratio", "ideal_seconds", "markdown", "measured_over_ideal", "precision_of", "meta_gconv_work", "node_lora_work", "main"]
@@ -72,25 +75,17 @@ class Work:
         return self.flops / self.bytes(precision)
 
 
-def _axis_rows(axis: str, batch: int, nodes: int) -> int:
-    """How many distinct weight matrices the meta axis generates: N (S), B (T) or B*N (ST)."""
-    return {"S": nodes, "T": batch, "ST": batch * nodes}[axis]
-
-
 def meta_gconv_work(batch, nodes, channels, cheb_k, dim, out, axis, *, per_sample_supports=False,
                     backward=False, kernel="meta_gconv", shape="") -> Work:
     """Useful FLOPs and minimum elements of one ``meta_gconv`` call (``x (B, N, C)``, ``I = K*C``)."""
     inputs = cheb_k * channels
     rows = batch * nodes
     propagation = 2.0 * (cheb_k - 1) * rows * nodes * channels  # A @ x per Chebyshev term
-    weights = _axis_rows(axis, batch, nodes)
-    hoisted = 2.0 * weights * dim * (inputs + 1) * out + 2.0 * rows * inputs * out  # W = E P (+ bias), then apply
-    outer = 2.0 * rows * dim * (inputs + 1) * out  # z = E (x) xg on the fly, one GEMM with K = D*(I+1)
-    gemm, formulation = (hoisted, "hoisted") if hoisted < outer else (outer, "outer")
-    forward_flops = propagation + gemm
+    formulation = cheapest_formulation(axis, batch, nodes, inputs, out, dim)
+    forward_flops = propagation + formulation_flops(axis, batch, nodes, inputs, out, dim)[formulation]["forward"]
 
     supports = batch * nodes * nodes if per_sample_supports else nodes * nodes
-    embeddings = {"S": nodes * dim, "T": batch * dim, "ST": rows * dim}[axis]
+    embeddings = weight_count(axis, batch, nodes) * dim  # (N | B | B*N, D)
     operands = rows * channels + (supports if cheb_k > 1 else 0) + embeddings + dim * inputs * out + dim * out
     output = rows * out
     if not backward:

@@ -11,33 +11,22 @@ forward's half-precision tensors (they need no autocast rule of their own).
 This is what ``torch.library.register_autocast`` does, except that the target dtype is read from
 the active autocast region (bf16 or fp16) instead of being fixed at registration.
 
-A backend that cannot compute a dtype correctly is refused here with a clear error, before any
-cast (:func:`check_backend_dtype`).
+A backend that cannot compute the autocast dtype correctly is refused with a clear error before any
+cast, by the same rule as direct calls (``_support.check_dtype``).
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["AUTOCAST_OPS", "autocast_inputs", "check_backend_dtype", "register_autocast_rules"]
+from ._support import check_dtype
+
+__all__ = ["AUTOCAST_OPS", "autocast_inputs", "register_autocast_rules"]
 
 AUTOCAST_OPS = ("meta_gconv", "gconv", "node_lora")
 _DEVICE_KEYS = {"cpu": "AutocastCPU", "cuda": "AutocastCUDA"}
 
 _lib = torch.library.Library("stfast", "FRAGMENT")
-
-
-def check_backend_dtype(backend: str, device: torch.device, dtype: torch.dtype) -> None:
-    """Raise a ``TypeError`` if ``backend`` cannot compute ``dtype`` correctly on ``device``."""
-    if backend != "triton" or dtype not in (torch.bfloat16, torch.float16):
-        return
-    if device.type == "cpu":
-        raise TypeError(f"dtype: the triton backend cannot compute {dtype} on CPU tensors (the Triton "
-                        "interpreter's half-precision tl.dot is wrong); use the cpu or torch backend, or fp32")
-    if dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported(including_emulation=False):
-        major, minor = torch.cuda.get_device_capability(device)
-        raise TypeError(f"dtype: the triton backend needs compute capability >= 8.0 for {dtype}, got "
-                        f"{major}.{minor}; use fp16 or the torch backend")
 
 
 def _cast(value, dtype):
@@ -66,7 +55,7 @@ def _autocast_kernel(op_name: str, device_type: str):
 
     def kernel(_keyset, *args):
         dtype = torch.get_autocast_dtype(device_type)
-        check_backend_dtype(args[-1], args[0].device, dtype)  # the backend is every op's last argument
+        check_dtype(args[-1], op_name, dtype, args[0].device)  # the backend is every op's last argument
         with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(dispatch_key)):
             return op(*(_cast(arg, dtype) for arg in args))
 

@@ -19,6 +19,12 @@ backend is considered for a tensor on that device):
    is found; ``STFAST_CUDA_ARCH`` (e.g. ``"9.0"`` or ``"8.0;9.0"``) sets the arch list.
    ``STFAST_EXT_VERBOSE=1`` shows the compiler output.
 
+Formulation: the CPU kernels choose theirs (``FORMULATION``, csrc/README.md). The CUDA kernels
+always compute the "outer" formulation (``K = D*I``); for CUDA tensors whose S or T axis costs fewer
+FLOPs "hoisted" (``W = E @ P`` once per node / sample, then a batched GEMM: about ``D`` times fewer
+at HimNet's shapes), the call, forward or backward, runs the torch backend's hoisted path (cuBLAS)
+instead of the extension: :func:`cuda_route` decides, by ``_formulation.call_formulation``'s count.
+
 The CUDA kernels have a tensor-core path (sm_80+: fp16 / bf16 always, fp32 as TF32 where torch
 allows TF32 matmuls); ``STFAST_CUDA_TENSOR_CORES=0``, or :func:`cuda_tensor_cores` (False) for a
 block, makes them run their SIMT kernels instead.
@@ -40,13 +46,15 @@ from pathlib import Path
 
 import torch
 
-from . import backends
+from . import _torch_gconv, backends
+from ._formulation import call_formulation
 
 __all__ = [
     "FORMULATION",
     "SKIP_ENV",
     "build_info",
     "csrc_dir",
+    "cuda_route",
     "jit_build_dir",
     "load",
     "meta_gconv_backward",
@@ -66,7 +74,8 @@ VERBOSE_ENV = "STFAST_EXT_VERBOSE"
 TENSOR_CORES_ENV = "STFAST_CUDA_TENSOR_CORES"  # read by the CUDA glue at every call (cuda_glue.h)
 
 # How the CPU kernels organise the meta GEMM: "auto" (grouped for S / T, outer for ST), "outer" or
-# "grouped" (see csrc/README.md). The CUDA kernels always use "outer". Tests switch it.
+# "grouped" (see csrc/README.md). The CUDA kernels always use "outer"; with "auto", CUDA calls whose
+# S / T axis is cheaper hoisted leave them for the hoisted torch GEMMs (cuda_route). Tests switch it.
 FORMULATION = "auto"
 
 # -fopenmp: at::parallel_for is inline and parallel only with OpenMP. -fno-trapping-math and
@@ -287,7 +296,21 @@ status._dynamo_marked_constant = True
 
 # ---------------------------------------------------------------- backend implementations
 
+def cuda_route(device_type: str, formulation: str, x_shape, pool_shape, has_bias: bool, axis: str,
+               needs=None) -> str:
+    """Where a ``meta_gconv`` call of the ``cpu`` / ``cuda`` backends runs: ``"hoisted"`` (the torch
+    backend's hoisted GEMMs) for CUDA tensors under ``formulation`` "auto" when the hoisted
+    formulation costs fewer FLOPs (forward when ``needs`` is None, else the backward computing
+    ``needs``), else ``"kernel"`` (the ``stfast_ext`` op). CPU tensors always get the kernel."""
+    if device_type != "cuda" or formulation != "auto":
+        return "kernel"
+    return "hoisted" if call_formulation(x_shape, pool_shape, has_bias, axis, needs) == "hoisted" else "kernel"
+
+
 def meta_gconv_forward(x, supports, embeddings, pool, bias_pool, cheb_k, activation, axis):
+    if cuda_route(x.device.type, FORMULATION, x.shape, pool.shape, bias_pool is not None, axis) == "hoisted":
+        return _torch_gconv.meta_gconv_forward(x, supports, embeddings, pool, bias_pool, cheb_k, activation, axis,
+                                               formulation="hoisted")
     return torch.ops.stfast_ext.meta_gconv_fwd(
         x, supports, embeddings, pool, bias_pool, cheb_k, activation, axis, FORMULATION
     )
@@ -296,6 +319,9 @@ def meta_gconv_forward(x, supports, embeddings, pool, bias_pool, cheb_k, activat
 def meta_gconv_backward(grad, out, x, supports, embeddings, pool, bias_pool, cheb_k, activation, axis, needs):
     """``(dx, d supports, dE, dP, dPb)``, ``None`` where ``needs`` (same order) is false."""
     needs = [bool(n) for n in needs]
+    if cuda_route(x.device.type, FORMULATION, x.shape, pool.shape, bias_pool is not None, axis, needs) == "hoisted":
+        return _torch_gconv.meta_gconv_backward(grad, out, x, supports, embeddings, pool, bias_pool, cheb_k,
+                                                activation, axis, needs, formulation="hoisted")
     grads = torch.ops.stfast_ext.meta_gconv_bwd(
         grad, out, x, supports, embeddings, pool, bias_pool, cheb_k, activation, axis, needs, FORMULATION
     )
@@ -303,16 +329,17 @@ def meta_gconv_backward(grad, out, x, supports, embeddings, pool, bias_pool, che
     return tuple(g if need and t is not None else None for g, need, t in zip(grads, needs, inputs))
 
 
-def node_lora_forward(x, weight, bias, lora_a, lora_b, scale, activation, dropout_p, seed, offset):
-    return torch.ops.stfast_ext.node_lora_fwd(x, weight, bias, lora_a, lora_b, scale, activation, dropout_p, seed,
-                                              offset)
+def node_lora_forward(x, weight, bias, lora_a, lora_b, scale, activation, dropout_p, seed):
+    """``seed``: the int64 tensor ``(seed, offset)`` of the dropout draw, on x's device (the CUDA
+    kernels read it from device memory)."""
+    return torch.ops.stfast_ext.node_lora_fwd(x, weight, bias, lora_a, lora_b, scale, activation, dropout_p, seed)
 
 
-def node_lora_backward(grad, x, weight, bias, lora_a, lora_b, scale, activation, dropout_p, seed, offset, needs):
+def node_lora_backward(grad, x, weight, bias, lora_a, lora_b, scale, activation, dropout_p, seed, needs):
     """``(dx, dW, db, dA, dB)``, ``None`` where ``needs`` (same order) is false."""
     needs = [bool(n) for n in needs]
     grads = torch.ops.stfast_ext.node_lora_bwd(
-        grad, x, weight, bias, lora_a, lora_b, scale, activation, dropout_p, seed, offset, needs
+        grad, x, weight, bias, lora_a, lora_b, scale, activation, dropout_p, seed, needs
     )
     inputs = (x, weight, bias, lora_a, lora_b)
     return tuple(g if need and t is not None else None for g, need, t in zip(grads, needs, inputs))

@@ -1,11 +1,12 @@
 """What a backend's kernels take, beyond the checks every op makes: dtypes, and zero-sized problems.
 
-- Dtypes: every backend computes float32, float16 and bfloat16 (fp32 accumulation). float64 is
-  computed in float64 by ``torch``, ``cpu`` and ``cuda``; the ``triton`` kernels accumulate in fp32
-  and keep fp32 partial buffers, so they refuse it rather than return fp32-accurate (or, before this
-  check, uninitialised) results under a float64 dtype. (Under autocast,
-  ``_autocast.check_backend_dtype`` also refuses the half-precision dtypes the triton backend cannot
-  compute on a given device.)
+- Dtypes (:func:`check_dtype`, the one place that decides, for direct calls and under autocast alike):
+  every backend computes float32, float16 and bfloat16 (fp32 accumulation). float64 is computed in
+  float64 by ``torch``, ``cpu`` and ``cuda``; the ``triton`` kernels accumulate in fp32 and keep fp32
+  partial buffers, so they refuse it rather than return fp32-accurate (or, before this check,
+  uninitialised) results under a float64 dtype. The triton backend also refuses bfloat16 where its
+  ``tl.dot`` cannot compute it: on CPU tensors (the Triton interpreter's bf16 products are wrong) and
+  on GPUs below compute capability 8.0.
 - Double backward (a gradient of a gradient) is not supported: the backward ops' own autograd
   formula says so instead of torch's generic "no autograd formula was registered".
 - A problem with a zero-sized dimension (an empty batch, no nodes, channels, embedding dimensions or
@@ -31,21 +32,33 @@ def _name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def check_dtype(backend: str, op: str, dtype: torch.dtype) -> None:
-    """``TypeError`` naming the dtype and the backends that compute it, if ``backend`` does not."""
-    if dtype in DTYPES.get(backend, _ALL):
-        return
-    able = ", ".join(name for name, dtypes in DTYPES.items() if dtype in dtypes)
-    raise TypeError(
-        f"{op}: backend {backend!r} does not compute {_name(dtype)} (it takes "
-        f"{', '.join(_name(d) for d in DTYPES[backend])}); backends that compute {_name(dtype)}: {able}"
-    )
+def check_dtype(backend: str, op: str, dtype: torch.dtype, device: torch.device | None = None) -> None:
+    """``TypeError`` naming the dtype and the backends that compute it, if ``backend`` does not compute
+    ``dtype`` correctly (on ``device``, when given)."""
+    if dtype not in DTYPES.get(backend, _ALL):
+        able = ", ".join(name for name, dtypes in DTYPES.items() if dtype in dtypes)
+        raise TypeError(
+            f"{op}: backend {backend!r} does not compute {_name(dtype)} (it takes "
+            f"{', '.join(_name(d) for d in DTYPES[backend])}); backends that compute {_name(dtype)}: {able}"
+        )
+    if backend == "triton" and dtype == torch.bfloat16 and device is not None:
+        _check_triton_bf16(op, torch.device(device))
+
+
+def _check_triton_bf16(op: str, device: torch.device) -> None:
+    if device.type == "cpu":
+        raise TypeError(f"{op}: the triton backend cannot compute torch.bfloat16 on CPU tensors (the "
+                        "Triton interpreter's bf16 tl.dot is wrong); use the cpu or torch backend, or fp32 / fp16")
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        major, minor = torch.cuda.get_device_capability(device)
+        raise TypeError(f"{op}: the triton backend needs compute capability >= 8.0 for bfloat16, got "
+                        f"{major}.{minor}; use fp16 or the torch backend")
 
 
 def kernel(backend: str, op: str, device, dtype: torch.dtype, *, empty: bool) -> Callable:
     """The implementation of ``op`` to run: ``backend``'s, or ``torch``'s when the problem has a
     zero-sized dimension (``empty``)."""
-    check_dtype(backend, op, dtype)
+    check_dtype(backend, op, dtype, device)
     return backends.implementation("torch" if empty else backend, op, device)
 
 

@@ -236,20 +236,23 @@ def meta_linear_backward(grad, xg, embeddings, pool, bias_pool, axis: str, need,
 
 # ---------------------------------------------------------------- whole ops
 
-def meta_gconv_forward(x, supports, embeddings, pool, bias_pool, cheb_k, activation, axis):
+def meta_gconv_forward(x, supports, embeddings, pool, bias_pool, cheb_k, activation, axis, *, formulation=None):
+    """``formulation``: None (this backend's ``FORMULATION``), "hoisted" (the GPU backends' S / T
+    path, ``_formulation``), "outer" or "contract"."""
     xg = chebyshev_features(x, supports, cheb_k)
-    out = meta_linear_forward(xg, embeddings, pool, bias_pool, axis)
+    out = meta_linear_forward(xg, embeddings, pool, bias_pool, axis, formulation)
     return apply_activation(out, activation)
 
 
-def meta_gconv_backward(grad, out, x, supports, embeddings, pool, bias_pool, cheb_k, activation, axis, needs):
+def meta_gconv_backward(grad, out, x, supports, embeddings, pool, bias_pool, cheb_k, activation, axis, needs, *,
+                        formulation=None):
     """``(dx, d supports, dE, dP, dPb)``, ``None`` where ``needs`` (same order) is false."""
     need_x, need_supports, need_e, need_pool, need_bias = needs
     need_supports = need_supports and supports is not None
     grad = activation_backward(grad.contiguous(), out, activation)
     xg = chebyshev_features(x, supports, cheb_k)  # recomputed: cheaper than keeping (B, N, K*C)
     need = {"xg": need_x or need_supports, "e": need_e, "pool": need_pool, "bias": need_bias}
-    d_xg, d_e, d_pool, d_bias = meta_linear_backward(grad, xg, embeddings, pool, bias_pool, axis, need)
+    d_xg, d_e, d_pool, d_bias = meta_linear_backward(grad, xg, embeddings, pool, bias_pool, axis, need, formulation)
     d_x = d_supports = None
     if need["xg"]:
         d_x, d_supports = chebyshev_backward(d_xg, xg, supports, cheb_k, need_supports)

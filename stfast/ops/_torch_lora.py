@@ -12,8 +12,10 @@ one GEMM over all ``M*N`` rows. No per-node full weight ``(N, d_in, d_out)`` is 
 largest temporaries are the ``(N, M, r)`` activations and the ``(N, M, d_out)`` low-rank output.
 
 Dropout on the low-rank path: the keep-mask is drawn from a ``torch.Generator`` seeded from
-``(seed, offset)`` (see :func:`dropout_mask`). The backward draws the same mask again instead of
-keeping it, so nothing of ``x``'s size is saved besides ``x`` itself. The ``triton`` backend draws
+``(seed, offset)`` (see :func:`dropout_mask`), the values of the op's seed tensor, read on the host
+(free for CPU tensors; for CUDA tensors a synchronisation, which a CUDA graph cannot capture: the
+kernel backends read the seed on the device instead). The backward draws the same mask again instead
+of keeping it, so nothing of ``x``'s size is saved besides ``x`` itself. The ``triton`` backend draws
 its mask in-kernel with Philox: both are Bernoulli(1 - p) masks scaled by ``1 / (1 - p)``, but for
 the same seed they are different masks.
 """
@@ -81,28 +83,30 @@ def _as_rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(math.prod(x.shape[:-2]), x.shape[-2], x.shape[-1])
 
 
-def _low_rank_input(x3, dropout_p, seed, offset):
-    """``(drop(x) as (M, N, d_in), the multiplier or None)``."""
+def _low_rank_input(x3, dropout_p, seed):
+    """``(drop(x) as (M, N, d_in), the multiplier or None)``; ``seed``: the op's int64 ``(seed, offset)``
+    tensor."""
     if dropout_p <= 0.0:
         return x3, None
-    mask = dropout_mask(x3.shape, dropout_p, seed, offset, x3.device, x3.dtype)
+    seed_value, offset = seed.tolist()
+    mask = dropout_mask(x3.shape, dropout_p, seed_value, offset, x3.device, x3.dtype)
     return x3 * mask, mask
 
 
-def node_lora_forward(x, weight, bias, lora_a, lora_b, scale, activation, dropout_p, seed, offset):
+def node_lora_forward(x, weight, bias, lora_a, lora_b, scale, activation, dropout_p, seed):
     x3 = _as_rows(x)
     rows, nodes, d_in = x3.shape
     d_out = weight.shape[0]
     flat = x3.reshape(rows * nodes, d_in)
     out = torch.addmm(bias, flat, weight.t()) if bias is not None else flat @ weight.t()
-    low_in, _ = _low_rank_input(x3, dropout_p, seed, offset)
+    low_in, _ = _low_rank_input(x3, dropout_p, seed)
     h = torch.bmm(low_in.transpose(0, 1), lora_a)  # (N, M, r)
     low = torch.bmm(activate(h, activation), lora_b)  # (N, M, d_out)
     out.view(rows, nodes, d_out).add_(low.transpose(0, 1), alpha=scale)
     return out.view(*x.shape[:-1], d_out)
 
 
-def node_lora_backward(grad, x, weight, bias, lora_a, lora_b, scale, activation, dropout_p, seed, offset, needs):
+def node_lora_backward(grad, x, weight, bias, lora_a, lora_b, scale, activation, dropout_p, seed, needs):
     """``(dx, dW, db, dA, dB)``, ``None`` where ``needs`` (same order) is false."""
     need_x, need_weight, need_bias, need_a, need_b = needs
     x3 = _as_rows(x)
@@ -116,7 +120,7 @@ def node_lora_backward(grad, x, weight, bias, lora_a, lora_b, scale, activation,
     if need_weight:
         d_weight = g_flat.t() @ x3.reshape(rows * nodes, d_in)
     if need_x or need_a or need_b:
-        low_in, mask = _low_rank_input(x3, dropout_p, seed, offset)  # the forward's mask, drawn again
+        low_in, mask = _low_rank_input(x3, dropout_p, seed)  # the forward's mask, drawn again
         low_in = low_in.transpose(0, 1)  # (N, M, d_in)
         g_nodes = g3.transpose(0, 1)  # (N, M, d_out)
         h = torch.bmm(low_in, lora_a)  # (N, M, r), recomputed: r is small

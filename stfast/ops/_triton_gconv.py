@@ -1,7 +1,16 @@
 """The ``triton`` backend of ``meta_gconv``: registration and the glue around the kernels.
 
 Same signatures and semantics as ``_torch_gconv.meta_gconv_forward`` / ``meta_gconv_backward``.
-The kernels (``stfast.kernels.meta_gconv``) do the meta-parameter GEMMs; around them, with torch:
+
+Formulation: the kernels compute the meta GEMM in the "outer" formulation (``K = D*I``). For the S
+and T axes the "hoisted" one (``W = E @ P`` once per node / sample, then a batched GEMM) costs
+about ``D`` times fewer FLOPs at HimNet's shapes, so each call (forward, and backward for the
+gradients it needs) runs the formulation with fewer FLOPs by ``_formulation.call_formulation``:
+hoisted is the torch backend's hoisted path (cuBLAS GEMMs on a GPU), outer the kernels. ST is
+always outer (a weight per row); so are S / T where hoisting saves nothing: a batch of one (S), one
+node (T), ``D = 1`` without a bias (``_formulation`` has the count).
+
+The kernels (``stfast.kernels.meta_gconv``) do the outer meta-parameter GEMMs; around them, with torch:
 
 - Chebyshev propagation ``xg = [x, A x, 2 A (A x) - x, ...]`` and its backward (plain GEMMs with
   the supports, helpers from ``_torch_gconv``). Fusing the propagation into the meta GEMM (so
@@ -19,10 +28,24 @@ that first import must happen with the variable set: Triton decides at decoratio
 
 from __future__ import annotations
 
-from . import backends
+from . import _torch_gconv, backends
+from ._formulation import call_formulation
 from ._torch_gconv import activation_backward, chebyshev_backward, chebyshev_features, reduce_to_axis
 
 __all__ = ["meta_gconv_forward", "meta_gconv_backward"]
+
+
+# "auto": each call runs the formulation with fewer FLOPs (see the module docstring); "outer": always
+# the kernels (tests and benchmarks compare them with the hoisted path this way).
+FORMULATION = "auto"
+
+
+def _formulation(x, pool, bias_pool, axis, needs=None) -> str:
+    if FORMULATION == "outer":
+        return "outer"
+    if FORMULATION != "auto":
+        raise ValueError(f"_triton_gconv.FORMULATION: expected 'auto' or 'outer', got {FORMULATION!r}")
+    return call_formulation(x.shape, pool.shape, bias_pool is not None, axis, needs)
 
 
 def _kernels():
@@ -32,6 +55,9 @@ def _kernels():
 
 
 def meta_gconv_forward(x, supports, embeddings, pool, bias_pool, cheb_k, activation, axis):
+    if _formulation(x, pool, bias_pool, axis) == "hoisted":
+        return _torch_gconv.meta_gconv_forward(x, supports, embeddings, pool, bias_pool, cheb_k, activation, axis,
+                                               formulation="hoisted")
     kernels = _kernels()
     batch, nodes, _ = x.shape
     xg = chebyshev_features(x, supports, cheb_k)  # torch GEMMs for now (see the module docstring)
@@ -45,6 +71,9 @@ def meta_gconv_forward(x, supports, embeddings, pool, bias_pool, cheb_k, activat
 
 def meta_gconv_backward(grad, out, x, supports, embeddings, pool, bias_pool, cheb_k, activation, axis, needs):
     """``(dx, d supports, dE, dP, dPb)``, ``None`` where ``needs`` (same order) is false."""
+    if _formulation(x, pool, bias_pool, axis, needs) == "hoisted":
+        return _torch_gconv.meta_gconv_backward(grad, out, x, supports, embeddings, pool, bias_pool, cheb_k,
+                                                activation, axis, needs, formulation="hoisted")
     kernels = _kernels()
     need_x, need_supports, need_e, need_pool, need_bias = needs
     need_supports = need_supports and supports is not None

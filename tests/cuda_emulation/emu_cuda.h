@@ -2,7 +2,8 @@
 // (and is tested, tests/test_cuda_emulation.py) on a machine without a GPU.
 //
 // The .cu files are compiled unchanged by the host compiler (-x c++ -D__CUDACC__) with the headers
-// of shim/ standing in for <cuda_runtime.h>, <cuda_runtime_api.h>, <cuda_fp16.h> and <cuda_bf16.h>;
+// of shim/ standing in for <cuda_runtime.h>, <cuda_runtime_api.h>, <cuda_fp16.h>, <cuda_bf16.h>,
+// <cuda_pipeline.h> and <mma.h>;
 // they all include this file. The only source rewrite (done by the test, in a temporary folder) is
 // of the launch syntax, which no macro can express:
 //     kernel<T><<<grid, block, shmem, stream>>>(args...)
@@ -28,6 +29,16 @@
 //     must make the same sequence of collective calls with the same arguments (pointer, leading
 //     dimension, layout); a mismatch, or lanes of one warp ending a block with different numbers of
 //     calls, aborts. Checked per block; such blocks must consist of whole warps;
+//   - asynchronous copies global -> shared (<cuda_pipeline.h>: __pipeline_memcpy_async / _commit /
+//     _wait_prior, i.e. cp.async): at the call the destination is filled with 0xff bytes (a NaN in
+//     every float type: its contents are undefined while the copy is in flight) and checked for the
+//     size (4, 8, 16 bytes) and alignment of both addresses; the data lands when the issuing thread
+//     waits for its group (__pipeline_wait_prior(n) completes all but its newest n committed groups).
+//     So a read before the wait sees NaNs, and a copy issued into a buffer that another thread may
+//     still read (a missing barrier or too few buffers) changes that thread's result in some thread
+//     order. A thread that returns with copies it never waited for aborts. It cannot catch a source
+//     changed between the issue and the wait (the emulator reads it at the wait), nor say anything
+//     about the overlap the copies buy on a GPU;
 //   - threadIdx / blockIdx / blockDim / gridDim, cudaError_t, cudaStream_t (ignored), dim3, the
 //     device qualifiers (no-ops), __half / __nv_bfloat16 storage types with round-to-nearest-even
 //     conversions, and the float overloads of the math functions (fma, exp, tanh, ...).
@@ -169,6 +180,7 @@ struct State {
   uint3 thread_idx, block_idx;
   dim3 block_dim, grid_dim;
   long barriers = 0;  // barrier arrivals, all threads, since the start (for statistics)
+  long async_copies = 0;  // asynchronous copies issued since the start (for statistics)
 };
 inline State state;
 
@@ -181,7 +193,16 @@ namespace detail {
 
 constexpr size_t kStackBytes = 128 * 1024;
 
+// One asynchronous copy: `bytes` from src, then zeros up to `size` (the zfill of cp.async).
+struct AsyncCopy {
+  void* dst;
+  const void* src;
+  size_t bytes, size;
+};
+
 struct Fiber {
+  std::vector<AsyncCopy> open;                   // issued, not yet committed
+  std::vector<std::vector<AsyncCopy>> committed;  // committed groups, oldest first
   ucontext_t context;
   std::unique_ptr<char[]> stack;  // allocated once, reused by every block (never zero-filled)
   bool done = false;
@@ -230,6 +251,8 @@ inline void run_block(unsigned threads, const std::function<void()>& body) {
     f.collectives = 0;
     f.file = nullptr;
     f.line = 0;
+    f.open.clear();
+    f.committed.clear();
     if (getcontext(&f.context) != 0) fail("getcontext failed");
     f.context.uc_stack.ss_sp = f.stack.get();
     f.context.uc_stack.ss_size = kStackBytes;
@@ -279,6 +302,12 @@ inline void run_block(unsigned threads, const std::function<void()>& body) {
   }
   for (unsigned t = 0; t < threads; ++t) {
     state.thread_idx = uint3(t, 0, 0);
+    bool pending = !block.fibers[t].open.empty();
+    for (const auto& group : block.fibers[t].committed) pending |= !group.empty();
+    if (pending) {
+      report("a thread returned with asynchronous copies it never waited for");
+      std::abort();
+    }
     if (block.fibers[t].collectives != block.warps[t / 32].size()) {
       report("lanes of one warp made different numbers of warp-collective calls");
       std::abort();
@@ -325,6 +354,39 @@ inline void warp_collective(const char* what, const void* pointer, unsigned ldm,
     }
   }
   ++f.collectives;
+}
+
+// __pipeline_memcpy_async: the destination is undefined (0xff bytes) until the issuing thread waits.
+inline void memcpy_async(void* dst, const void* src, size_t size, size_t zfill) {
+  if (detail::block.current < 0) fail("asynchronous copy outside a kernel");
+  if (size != 4 && size != 8 && size != 16) fail("__pipeline_memcpy_async: size_and_align must be 4, 8 or 16");
+  if (zfill > size) fail("__pipeline_memcpy_async: zfill larger than the copy");
+  if (reinterpret_cast<uintptr_t>(dst) % size != 0 || reinterpret_cast<uintptr_t>(src) % size != 0) {
+    fail("__pipeline_memcpy_async: an address not aligned to the copy size");
+  }
+  std::memset(dst, 0xff, size);
+  ++state.async_copies;
+  detail::block.fibers[detail::block.current].open.push_back({dst, src, size - zfill, size});
+}
+
+inline void pipeline_commit() {
+  if (detail::block.current < 0) fail("__pipeline_commit outside a kernel");
+  detail::Fiber& f = detail::block.fibers[detail::block.current];
+  f.committed.push_back(std::move(f.open));
+  f.open.clear();
+}
+
+// Lands every committed group of the calling thread but the newest `prior`.
+inline void pipeline_wait_prior(size_t prior) {
+  if (detail::block.current < 0) fail("__pipeline_wait_prior outside a kernel");
+  detail::Fiber& f = detail::block.fibers[detail::block.current];
+  while (f.committed.size() > prior) {
+    for (const detail::AsyncCopy& c : f.committed.front()) {
+      std::memcpy(c.dst, c.src, c.bytes);
+      std::memset(static_cast<char*>(c.dst) + c.bytes, 0, c.size - c.bytes);
+    }
+    f.committed.erase(f.committed.begin());
+  }
 }
 
 // emu::Launch(grid, block, shared_bytes, stream)(kernel, args...): the rewritten kernel<<<...>>>(args...).

@@ -138,8 +138,8 @@ void run_node_lora(const Case& c, int order) {
   d.scale = s.f("scale");
   d.dropout_p = static_cast<float>(s.f("dropout_p"));
   d.inv_keep = static_cast<float>(1.0 / (1.0 - s.f("dropout_p")));
-  d.seed = s.u("seed");
-  d.offset = s.u("offset");
+  const int64_t seed[2] = {static_cast<int64_t>(s.u("seed")), static_cast<int64_t>(s.u("offset"))};
+  d.seed = seed;  // the kernels read (seed, offset) from "device" memory
   d.tensor_cores = static_cast<int>(s.i("tensor_cores"));
   const int64_t rows = d.M * d.N, N = d.N, K = d.K, O = d.O, R = d.R;
   const bool has_bias = s.i("bias") != 0;
@@ -197,7 +197,7 @@ void run_node_lora(const Case& c, int order) {
   }
 
   Buffer mask(rows * K, es);
-  check(stfast_cuda::node_lora_dropout_mask(dtype, mask.p(), rows * K, d.dropout_p, d.inv_keep, d.seed, d.offset,
+  check(stfast_cuda::node_lora_dropout_mask(dtype, mask.p(), rows * K, d.dropout_p, d.inv_keep, s.u("seed"), s.u("offset"),
                                             nullptr),
         "node_lora_dropout_mask");
   c.save("mask", order, mask);
@@ -265,6 +265,30 @@ void run_meta_gconv(const Case& c, int order) {
   }
 }
 
+// Whether the meta_gconv launchers accept the extents of the spec (32-bit in-tile indexing); where they
+// do not, every launcher must refuse them before touching a pointer (all null here).
+void run_meta_gconv_extents(const Case& c, int order) {
+  if (order != 0) return;
+  const Spec& s = c.spec();
+  using Dims = stfast_cuda::MetaGconvDims;
+  Dims d{};
+  s.read(d, {{"rows", &Dims::rows}, {"nodes", &Dims::nodes}, {"inputs", &Dims::inputs}, {"outputs", &Dims::outputs},
+             {"dim", &Dims::dim}, {"stride_eb", &Dims::stride_eb}, {"stride_en", &Dims::stride_en},
+             {"stride_ed", &Dims::stride_ed}});
+  d.tensor_cores = static_cast<int>(s.i("tensor_cores"));
+  const bool supported = stfast_cuda::meta_gconv_extents_supported(d);
+  std::printf("supported %d\n", supported ? 1 : 0);
+  if (!supported) {
+    const DType dtype = DType::kFloat32;
+    std::printf("forward %d\n", static_cast<int>(stfast_cuda::meta_gconv_forward(dtype, nullptr, nullptr, nullptr,
+                                                                                  nullptr, nullptr, d, nullptr)));
+    std::printf("dxg_de %d\n", static_cast<int>(stfast_cuda::meta_gconv_backward_dxg_de(
+                                   dtype, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, d, nullptr)));
+    std::printf("dp %d\n", static_cast<int>(stfast_cuda::meta_gconv_backward_dp(dtype, nullptr, nullptr, nullptr,
+                                                                                 nullptr, d, nullptr)));
+  }
+}
+
 // ---------------------------------------------------------------- the emulator's half conversions
 
 void run_conversions(const Case& c, int order) {
@@ -296,12 +320,14 @@ int main(int argc, char** argv) {
       run_node_lora(c, order);
     } else if (op == "meta_gconv") {
       run_meta_gconv(c, order);
+    } else if (op == "meta_gconv_extents") {
+      run_meta_gconv_extents(c, order);
     } else if (op == "conversions") {
       run_conversions(c, order);
     } else {
       die("unknown op " + op);
     }
   }
-  std::printf("barriers %ld\n", emu::state.barriers);
+  std::printf("barriers %ld\nasync_copies %ld\n", emu::state.barriers, emu::state.async_copies);
   return 0;
 }

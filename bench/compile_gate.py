@@ -174,17 +174,6 @@ def node_lora_step(kernels, shape, tensors, precision) -> list:
     return outputs
 
 
-def node_lora_launches(shape, dtype, precision, kernels):
-    """Every launch of ``node_lora_step`` on ``meta`` tensors of ``shape``."""
-    import torch
-
-    from stfast.kernels._utils import recording_launches
-
-    with recording_launches() as launches:
-        node_lora_step(kernels, shape, node_lora_inputs(shape, getattr(torch, dtype)), precision)
-    return launches
-
-
 def meta_gconv_inputs(shape, dtype, device="meta"):
     """``(xg, {axis: embeddings}, pool, bias pool, grad)`` of a gate shape: empty on ``meta``, random
     elsewhere (``bench/tune_triton.py`` times and checks the launches on them)."""
@@ -218,20 +207,21 @@ def meta_gconv_step(kernels, shape, tensors, precision) -> list:
     return outputs
 
 
-def meta_gconv_launches(shape, dtype, precision, kernels):
-    """Every launch of ``meta_gconv_step`` on ``meta`` tensors of ``shape``."""
+# The ops whose launches bench/tune_triton.py times on a GPU: (shape table, inputs, step, kernel module).
+TUNABLE = {"meta_gconv": (META_GCONV_SHAPES, meta_gconv_inputs, meta_gconv_step, "meta_gconv"),
+           "node_lora": (NODE_LORA_SHAPES, node_lora_inputs, node_lora_step, "node_lora")}
+
+
+def step_launches(op, shape, dtype, precision, kernels):
+    """Every launch of ``op``'s training step (``TUNABLE``) on ``meta`` tensors of ``shape``."""
     import torch
 
     from stfast.kernels._utils import recording_launches
 
+    _, inputs, step, _ = TUNABLE[op]
     with recording_launches() as launches:
-        meta_gconv_step(kernels, shape, meta_gconv_inputs(shape, getattr(torch, dtype)), precision)
+        step(kernels, shape, inputs(shape, getattr(torch, dtype)), precision)
     return launches
-
-
-# The ops whose launches bench/tune_triton.py times on a GPU: (shape table, inputs, step, kernel module).
-TUNABLE = {"meta_gconv": (META_GCONV_SHAPES, meta_gconv_inputs, meta_gconv_step, "meta_gconv"),
-           "node_lora": (NODE_LORA_SHAPES, node_lora_inputs, node_lora_step, "node_lora")}
 
 
 def collect(ops=("node_lora", "meta_gconv"), precisions=tuple(PRECISIONS), shapes=None, kernels=None):
@@ -241,17 +231,17 @@ def collect(ops=("node_lora", "meta_gconv"), precisions=tuple(PRECISIONS), shape
     (a kernel matches by prefix)."""
     from stfast.kernels import meta_gconv, node_lora
 
-    tables = {"node_lora": (NODE_LORA_SHAPES, node_lora_launches, node_lora),
-              "meta_gconv": (META_GCONV_SHAPES, meta_gconv_launches, meta_gconv)}
+    modules = {"node_lora": node_lora, "meta_gconv": meta_gconv}
     found = {}
     for op in ops:
-        table, launches_of, module = tables[op]
+        table, module = TUNABLE[op][0], modules[op]
         for name, shape in table.items():
             if shapes is not None and name not in shapes:
                 continue
             for label in precisions:
                 dtype, precision = PRECISIONS[label]
-                for launch, mod, args in candidate_launches(lambda: launches_of(shape, dtype, precision, module)):
+                record = lambda: step_launches(op, shape, dtype, precision, module)  # noqa: E731
+                for launch, mod, args in candidate_launches(record):
                     if kernels is not None and not launch.kernel.startswith(tuple(kernels)):
                         continue
                     ints = _int_specialization(getattr(mod, launch.kernel), args)

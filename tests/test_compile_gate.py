@@ -121,12 +121,12 @@ def test_gate_collects_every_tuning_candidate_not_only_the_default():
     """The gate compiles each candidate launch of each tuned kernel (here meta_gconv at METR-LA b16):
     the launchers run once more per candidate under ``forcing_configs``."""
     sys.path.insert(0, str(ROOT))
-    from bench.compile_gate import META_GCONV_SHAPES, candidate_launches, meta_gconv_launches
+    from bench.compile_gate import META_GCONV_SHAPES, candidate_launches, step_launches
     from stfast.kernels._utils import recording_choices
 
     with recording_choices() as choices:
-        recorded = candidate_launches(lambda: meta_gconv_launches(META_GCONV_SHAPES["metr-la-b16"], "float32",
-                                                                  "tf32", meta_gconv))
+        recorded = candidate_launches(lambda: step_launches("meta_gconv", META_GCONV_SHAPES["metr-la-b16"], "float32",
+                                                            "tf32", meta_gconv))
     collected = {(launch.kernel, launch.config) for launch, *_ in recorded}
     wanted = {(c.kernel, candidate.config) for c in choices for candidate in c.candidates}
     assert {kernel for kernel, _ in wanted} == {"meta_gconv_fwd", "meta_gconv_bwd_dxg_de", "meta_gconv_bwd_dp"}
